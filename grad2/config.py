@@ -1,0 +1,225 @@
+"""Typed, validated sections of ``model-config.yaml``.
+
+``defense:`` selects and parameterises the defense; ``input:`` says how request images
+become the victim's input tensor. Every bad value raises :class:`ConfigError` naming the
+key and what is allowed, so a model with a wrong configuration refuses to load instead
+of serving undefended answers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+METHODS = (
+    "grad2",
+    "none",
+    "top1",
+    "rounding",
+    "random",
+    "reverse_sigmoid",
+    "mad",
+    "mad_argmax",
+)
+TARGETS = ("all_ones", "min_ip", "watermark", "random", "file")
+SCORE_METHODS = ("jvp", "double_backward", "finite_difference")
+ON_FAILURE = ("reject", "top1")
+OUTPUTS = ("probabilities", "topk")
+
+#: Methods that need an L1 budget ``epsilon``.
+BUDGETED_METHODS = ("grad2", "random", "mad", "mad_argmax")
+#: Methods that need a surrogate network.
+SURROGATE_METHODS = ("grad2", "mad", "mad_argmax")
+#: Methods whose answers keep the clean top-1 label when ``preserve_top1`` is set.
+TOP1_CAPABLE_METHODS = ("grad2", "random", "none", "top1", "mad_argmax")
+#: Targets read from a tensor file packed in the archive.
+FILE_TARGETS = ("watermark", "file")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or out of range; ``key`` names it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _number(section: str, key: str, value: Any, low: float, high: float) -> float:
+    name = f"{section}.{key}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"must be a number in [{low:g}, {high:g}], got {value!r}")
+    value = float(value)
+    if math.isnan(value) or not low <= value <= high:
+        raise ConfigError(name, f"must be a number in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def _integer(section: str, key: str, value: Any, low: int, high: int) -> int:
+    name = f"{section}.{key}"
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(name, f"must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{key}", f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _flag(section: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{section}.{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _optional_name(section: str, key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "/" in value or "\\" in value:
+        raise ConfigError(
+            f"{section}.{key}", f"must be a file name packed in the archive, got {value!r}"
+        )
+    return value
+
+
+def _reject_unknown(section: str, raw: Mapping[str, Any], known: set[str]) -> None:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(section, f"must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}",
+            f"unknown key; allowed keys are {', '.join(sorted(known))}",
+        )
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """The ``defense:`` section. Field defaults are the product's defaults."""
+
+    method: str = "grad2"
+    epsilon: float = 0.5
+    target: str = "all_ones"
+    target_file: str | None = None
+    surrogate: str | None = "surrogate.pt"
+    preserve_top1: bool = False
+    scores: str = "jvp"
+    on_failure: str = "reject"
+    output: str = "probabilities"
+    topk: int = 5
+    #: Seed of the ``random`` target and of the ``random`` defense.
+    seed: int = 0
+    #: Decimals kept by ``rounding``.
+    decimals: int = 2
+    #: Strength and slope of ``reverse_sigmoid``.
+    beta: float = 0.7
+    gamma: float = 0.4
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> DefenseConfig:
+        """Validate a ``defense:`` mapping; raises :class:`ConfigError` naming the key."""
+        section = "defense"
+        if raw is None:
+            raise ConfigError(section, "missing; a served model must name its defense")
+        known = {f.name for f in fields(cls)}
+        _reject_unknown(section, raw, known)
+        merged = {**asdict(cls()), **raw}
+        method = _choice(section, "method", merged["method"], METHODS)
+        config = cls(
+            method=method,
+            epsilon=_number(section, "epsilon", merged["epsilon"], 0.0, 2.0),
+            target=_choice(section, "target", merged["target"], TARGETS),
+            target_file=_optional_name(section, "target_file", merged["target_file"]),
+            surrogate=_optional_name(section, "surrogate", merged["surrogate"]),
+            preserve_top1=_flag(section, "preserve_top1", merged["preserve_top1"]),
+            scores=_choice(section, "scores", merged["scores"], SCORE_METHODS),
+            on_failure=_choice(section, "on_failure", merged["on_failure"], ON_FAILURE),
+            output=_choice(section, "output", merged["output"], OUTPUTS),
+            topk=_integer(section, "topk", merged["topk"], 1, 100_000),
+            seed=_integer(section, "seed", merged["seed"], 0, 2**63 - 1),
+            decimals=_integer(section, "decimals", merged["decimals"], 0, 8),
+            beta=_number(section, "beta", merged["beta"], 0.0, 1e6),
+            gamma=_number(section, "gamma", merged["gamma"], 1e-6, 1e6),
+        )
+        config._check_combination()
+        return config
+
+    def _check_combination(self) -> None:
+        if self.method in SURROGATE_METHODS and self.surrogate is None:
+            raise ConfigError(
+                "defense.surrogate", f"method {self.method} needs a surrogate state_dict file"
+            )
+        if self.preserve_top1 and self.method not in TOP1_CAPABLE_METHODS:
+            hint = "; use method mad_argmax" if self.method == "mad" else ""
+            raise ConfigError(
+                "defense.preserve_top1",
+                f"method {self.method} cannot keep the top-1 label{hint}; "
+                f"methods that can: {', '.join(TOP1_CAPABLE_METHODS)}",
+            )
+        if self.method == "grad2" and self.target in FILE_TARGETS and self.target_file is None:
+            raise ConfigError(
+                "defense.target_file", f"target {self.target} needs a tensor file in the archive"
+            )
+        if self.target_file is not None and (
+            self.method != "grad2" or self.target not in FILE_TARGETS
+        ):
+            raise ConfigError(
+                "defense.target_file",
+                "only used by method grad2 with target watermark or file; remove it",
+            )
+
+    @property
+    def needs_surrogate(self) -> bool:
+        return self.method in SURROGATE_METHODS
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """The ``input:`` section: how a request image becomes a ``[C, H, W]`` tensor."""
+
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    #: Largest accepted image side, in pixels, before decoding (bombs, giant images).
+    max_side: int = 4096
+    #: Torch threads per worker; TorchServe sets none, and oversubscription is costly.
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> InputConfig:
+        """Validate an ``input:`` mapping; raises :class:`ConfigError` naming the key."""
+        section = "input"
+        raw = {} if raw is None else raw
+        known = {f.name for f in fields(cls)} - {"extra"}
+        _reject_unknown(section, raw, known)
+        defaults = cls()
+        channels = _integer(section, "channels", raw.get("channels", defaults.channels), 1, 4)
+        mean = _vector(section, "mean", raw.get("mean", [0.0] * channels), channels, -1e3, 1e3)
+        std = _vector(section, "std", raw.get("std", [1.0] * channels), channels, 1e-8, 1e3)
+        return cls(
+            channels=channels,
+            height=_integer(section, "height", raw.get("height", defaults.height), 1, 8192),
+            width=_integer(section, "width", raw.get("width", defaults.width), 1, 8192),
+            mean=mean,
+            std=std,
+            max_side=_integer(section, "max_side", raw.get("max_side", defaults.max_side), 1, 65535),
+            threads=_integer(section, "threads", raw.get("threads", defaults.threads), 1, 256),
+        )
+
+
+def _vector(
+    section: str, key: str, value: Any, length: int, low: float, high: float
+) -> tuple[float, ...]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value] * length
+    if not isinstance(value, list | tuple) or len(value) != length:
+        raise ConfigError(
+            f"{section}.{key}", f"must be a list of {length} numbers (one per channel), got {value!r}"
+        )
+    return tuple(_number(section, f"{key}[{i}]", v, low, high) for i, v in enumerate(value))
