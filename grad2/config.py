@@ -208,7 +208,9 @@ class InputConfig:
             width=_integer(section, "width", raw.get("width", defaults.width), 1, 8192),
             mean=mean,
             std=std,
-            max_side=_integer(section, "max_side", raw.get("max_side", defaults.max_side), 1, 65535),
+            max_side=_integer(
+                section, "max_side", raw.get("max_side", defaults.max_side), 1, 65535
+            ),
             threads=_integer(section, "threads", raw.get("threads", defaults.threads), 1, 256),
         )
 
@@ -220,6 +222,7 @@ def _vector(
         value = [value] * length
     if not isinstance(value, list | tuple) or len(value) != length:
         raise ConfigError(
-            f"{section}.{key}", f"must be a list of {length} numbers (one per channel), got {value!r}"
+            f"{section}.{key}",
+            f"must be a list of {length} numbers (one per channel), got {value!r}",
         )
     return tuple(_number(section, f"{key}[{i}]", v, low, high) for i, v in enumerate(value))

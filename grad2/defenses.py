@@ -1,0 +1,411 @@
+"""Output-perturbation defenses behind one interface: ``defense(x, probs) -> ỹ``.
+
+``x`` is the victim's input batch ``[B, ...]`` and ``probs`` its clean probabilities
+``[B, K]``; the result is ``[B, K]``. Parameters are validated at construction. Every
+defense is built from a ``defense:`` config section by :func:`build_defense`, which looks
+the class up by method name: a new defense is one class plus one registry entry.
+
+Besides the product's methods (GRAD², none, top-1, rounding, random, reverse sigmoid,
+MAD, MAD-argmax) this module holds the evaluation's controls (random scores, shuffled
+scores, fixed-class push), which tell gradient steering apart from a class-bias push.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from grad2 import targets
+from grad2.config import ConfigError, DefenseConfig
+from grad2.redirect import redirect, separate_top
+from grad2.scores import Target, redirection_scores, tangent_like
+
+#: How far a top-1-preserving answer keeps the clean top class above every other class,
+#: so that a client's ``argmax`` never reads a tie as a flip.
+TOP1_MARGIN = 1e-6
+
+
+class Defense(ABC):
+    """Maps clean probabilities to defended ones; subclasses implement :meth:`defend`."""
+
+    #: The ``defense.method`` name that selects this class, if any.
+    method: ClassVar[str | None] = None
+
+    def __call__(self, x: Tensor, probs: Tensor) -> Tensor:
+        """Defended probabilities ``[B, K]`` for inputs ``x`` ``[B, ...]``."""
+        if probs.ndim != 2 or probs.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"probs must be [B, K] with B = len(x) = {x.shape[0]}, got {tuple(probs.shape)}"
+            )
+        if not torch.isfinite(probs).all():
+            raise ValueError("probs has non-finite values")
+        return self.defend(x, probs.detach())
+
+    @abstractmethod
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        """The defense proper; inputs already checked."""
+
+    @classmethod
+    def from_config(
+        cls, config: DefenseConfig, surrogate: nn.Module | None, target: Target | None
+    ) -> Defense:
+        """Build from a validated ``defense:`` section (default: no parameters)."""
+        return cls()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if _is_scalar(v))
+        return f"{type(self).__name__}({fields})"
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, int | float | str | bool)
+
+
+def _check_epsilon(epsilon: float) -> float:
+    epsilon = float(epsilon)
+    if math.isnan(epsilon) or not 0 <= epsilon <= 2:
+        raise ValueError(f"epsilon must lie in [0, 2], got {epsilon}")
+    return epsilon
+
+
+class NoDefense(Defense):
+    """Returns the clean probabilities (the undefended reference)."""
+
+    method = "none"
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        return probs.clone()
+
+
+class Top1(Defense):
+    """Returns the one-hot top-1 label only."""
+
+    method = "top1"
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        return torch.zeros_like(probs).scatter_(1, probs.argmax(dim=1, keepdim=True), 1.0)
+
+
+class Rounding(Defense):
+    """Rounds every probability to ``decimals`` decimals (rows may sum to 1 ± K·10⁻ᵈ/2)."""
+
+    method = "rounding"
+
+    def __init__(self, decimals: int = 2) -> None:
+        if not isinstance(decimals, int) or not 0 <= decimals <= 8:
+            raise ValueError(f"decimals must be an integer in [0, 8], got {decimals!r}")
+        self.decimals = decimals
+
+    @classmethod
+    def from_config(cls, config, surrogate, target) -> Rounding:
+        return cls(config.decimals)
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        return torch.round(probs, decimals=self.decimals)
+
+
+class ReverseSigmoid(Defense):
+    """Lee et al. 2019: ``ỹ ∝ (y − β (σ(γ σ⁻¹(y)) − ½))⁺``, renormalised."""
+
+    method = "reverse_sigmoid"
+
+    def __init__(self, beta: float = 0.7, gamma: float = 0.4) -> None:
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+        if not (gamma > 0 and math.isfinite(gamma)):
+            raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
+        self.beta, self.gamma = float(beta), float(gamma)
+
+    @classmethod
+    def from_config(cls, config, surrogate, target) -> ReverseSigmoid:
+        return cls(config.beta, config.gamma)
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        tiny = torch.finfo(probs.dtype).tiny
+        logit = torch.logit(probs.clamp(tiny, 1 - 1e-7))
+        perturbed = (probs - self.beta * (torch.sigmoid(self.gamma * logit) - 0.5)).clamp_min(0)
+        total = perturbed.sum(dim=1, keepdim=True)
+        # A row clipped to all zeros keeps its label rather than becoming undefined.
+        fallback = Top1().defend(x, probs)
+        return torch.where(total > 0, perturbed / total.clamp_min(tiny), fallback)
+
+
+class _Redirection(Defense):
+    """Score-driven defenses: ``ỹ = redirect(probs, scores(x, probs), epsilon)``."""
+
+    def __init__(self, epsilon: float, preserve_top1: bool = False) -> None:
+        self.epsilon = _check_epsilon(epsilon)
+        self.preserve_top1 = bool(preserve_top1)
+
+    @abstractmethod
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        """``[B, K]`` scores; mass moves toward the highest."""
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        if self.epsilon == 0:
+            return probs.clone()
+        scores = self.scores(x, probs)
+        if not self.preserve_top1:
+            return redirect(probs, scores, self.epsilon)
+        # Reserve the L1 that separating ties costs, then separate.
+        reserve = 2 * TOP1_MARGIN * (probs.shape[1] - 1)
+        defended = redirect(probs, scores, max(self.epsilon - reserve, 0.0), preserve_top1=True)
+        return separate_top(defended, probs, TOP1_MARGIN)
+
+
+class GRAD2(_Redirection):
+    """Gradient redirection: scores ``c = G t`` of a surrogate along target ``t``.
+
+    Args:
+        surrogate: the defender's copy of the clone (used in eval mode).
+        epsilon: L1 budget in ``[0, 2]``.
+        target: ``"all_ones"``, ``"min_ip"`` (recomputed per batch), or a tensor dict
+            keyed like ``surrogate.named_parameters()`` (watermark, random, from file).
+        score_method: ``"jvp"``, ``"double_backward"`` or ``"finite_difference"``.
+        preserve_top1: never flip the clean top-1 label.
+    """
+
+    method = "grad2"
+
+    def __init__(
+        self,
+        surrogate: nn.Module,
+        epsilon: float,
+        target: str | Target = "all_ones",
+        score_method: str = "jvp",
+        preserve_top1: bool = False,
+    ) -> None:
+        super().__init__(epsilon, preserve_top1)
+        if not isinstance(surrogate, nn.Module):
+            raise ValueError("GRAD2 needs a surrogate nn.Module")
+        self.surrogate = surrogate.eval()
+        self.score_method = score_method
+        if target == "min_ip":
+            self.target_name, self.target = "min_ip", None
+        elif target == "all_ones":
+            self.target_name, self.target = "all_ones", targets.all_ones(surrogate)
+        elif isinstance(target, Mapping):
+            targets.check(target, surrogate)
+            params = dict(surrogate.named_parameters())
+            self.target_name, self.target = "tensor", tangent_like(params, target)
+        else:
+            raise ValueError(
+                f"target must be 'all_ones', 'min_ip' or a tensor dict, got {target!r}"
+            )
+        if score_method not in ("jvp", "double_backward", "finite_difference"):
+            raise ValueError(f"unknown score method {score_method!r}")
+
+    @classmethod
+    def from_config(cls, config, surrogate, target) -> GRAD2:
+        if config.target == "random":
+            target = targets.random(surrogate, config.seed)
+        elif config.target in ("all_ones", "min_ip"):
+            target = config.target
+        elif target is None:
+            raise ConfigError(
+                "defense.target_file", f"target {config.target} needs its tensor file"
+            )
+        try:
+            return cls(surrogate, config.epsilon, target, config.scores, config.preserve_top1)
+        except ValueError as error:
+            raise ConfigError("defense.target_file", str(error)) from error
+
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        target = self.target
+        if target is None:
+            target = targets.min_ip(self.surrogate, x, probs)
+        scores = redirection_scores(self.surrogate, x, target, self.score_method)
+        if scores.shape != probs.shape:
+            raise ValueError(
+                f"surrogate gives {scores.shape[-1]} classes, the victim {probs.shape[-1]}"
+            )
+        return scores.to(probs.dtype)
+
+
+def _push_scores(probs: Tensor, receivers: Tensor) -> Tensor:
+    """Scores that send the budget to ``receivers`` ``[B]``, taken from the likeliest first."""
+    return (-probs).scatter(1, receivers.unsqueeze(1), 2.0)
+
+
+class RandomNoise(_Redirection):
+    """Moves ``ε/2`` of mass to one random non-top class (seeded, fresh per query)."""
+
+    method = "random"
+
+    def __init__(self, epsilon: float, seed: int = 0, preserve_top1: bool = False) -> None:
+        super().__init__(epsilon, preserve_top1)
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_config(cls, config, surrogate, target) -> RandomNoise:
+        return cls(config.epsilon, config.seed, config.preserve_top1)
+
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        batch, num_classes = probs.shape
+        offset = torch.randint(1, max(num_classes, 2), (batch,), generator=self._generator)
+        receivers = (probs.argmax(dim=1).cpu() + offset) % num_classes
+        return _push_scores(probs, receivers.to(probs.device))
+
+
+class RandomScores(_Redirection):
+    """Control: the GRAD² solver with seeded Gaussian scores (no gradient information)."""
+
+    def __init__(self, epsilon: float, seed: int = 0, preserve_top1: bool = False) -> None:
+        super().__init__(epsilon, preserve_top1)
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        noise = torch.randn(probs.shape, generator=self._generator, dtype=torch.float64)
+        return noise.to(probs)
+
+
+class ShuffledScores(_Redirection):
+    """Control: GRAD²'s own scores, permuted across the queries of a batch.
+
+    Keeps the distribution of receiving classes and breaks their link to the query.
+    """
+
+    def __init__(self, grad2: GRAD2, seed: int = 0) -> None:
+        super().__init__(grad2.epsilon, grad2.preserve_top1)
+        self.grad2, self.seed = grad2, seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        permutation = torch.randperm(x.shape[0], generator=self._generator).to(probs.device)
+        return self.grad2.scores(x, probs)[permutation]
+
+
+class FixedClassPush(_Redirection):
+    """Control: the same budget always given to one class ``receiver``."""
+
+    def __init__(self, epsilon: float, receiver: int, preserve_top1: bool = False) -> None:
+        super().__init__(epsilon, preserve_top1)
+        if not isinstance(receiver, int) or receiver < 0:
+            raise ValueError(f"receiver must be a class index, got {receiver!r}")
+        self.receiver = receiver
+
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        if self.receiver >= probs.shape[1]:
+            raise ValueError(f"receiver {self.receiver} >= number of classes {probs.shape[1]}")
+        receivers = torch.full((probs.shape[0],), self.receiver, device=probs.device)
+        return _push_scores(probs, receivers)
+
+
+class MAD(Defense):
+    """Prediction poisoning (Orekondy et al. 2020), faithful to its cost.
+
+    Per query, the Jacobian ``G`` of the surrogate's log-probabilities with respect to its
+    last linear layer (``K`` backward passes, vectorised with ``vmap(jacrev)``); among the
+    ``K`` one-hot vertices, the one whose gradient ``Gᵀe_k`` deviates most in angle from
+    the clean ``Gᵀy``; then a step from ``y`` toward it, within the L1 budget.
+    """
+
+    method = "mad"
+    keep_top1: ClassVar[bool] = False
+
+    def __init__(self, surrogate: nn.Module, epsilon: float) -> None:
+        if not isinstance(surrogate, nn.Module):
+            raise ValueError(f"{type(self).__name__} needs a surrogate nn.Module")
+        self.surrogate = surrogate.eval()
+        self.epsilon = _check_epsilon(epsilon)
+        self.last_layer = _last_linear_names(surrogate)
+
+    @classmethod
+    def from_config(cls, config, surrogate, target) -> MAD:
+        return cls(surrogate, config.epsilon)
+
+    def last_layer_jacobian(self, x: Tensor) -> Tensor:
+        """``[B, K, P]``: per-query Jacobian of log-probabilities w.r.t. the last layer."""
+        params = {n: p.detach() for n, p in self.surrogate.named_parameters()}
+        buffers = dict(self.surrogate.named_buffers())
+        last = {n: params[n] for n in self.last_layer}
+
+        def log_probs(last_params: dict[str, Tensor], single: Tensor) -> Tensor:
+            merged = {**params, **last_params}
+            logits = functional_call(self.surrogate, (merged, buffers), (single.unsqueeze(0),))
+            return torch.log_softmax(logits, dim=-1).squeeze(0)
+
+        with torch.enable_grad():
+            jacobian = vmap(jacrev(log_probs), in_dims=(None, 0))(last, x)
+        return torch.cat([jacobian[n].flatten(2) for n in self.last_layer], dim=2).detach()
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        if self.epsilon == 0:
+            return probs.clone()
+        x = x.clone() if x.is_inference() else x
+        jacobian = self.last_layer_jacobian(x).to(probs.dtype)  # [B, K, P]
+        clean = torch.nn.functional.normalize(torch.einsum("bk,bkp->bp", probs, jacobian), dim=1)
+        vertices = torch.nn.functional.normalize(jacobian, dim=2)
+        deviation = (vertices - clean.unsqueeze(1)).pow(2).sum(dim=2)  # [B, K]
+        # Step size toward each vertex e_k so that ‖ỹ − y‖₁ = 2 α (1 − y_k) ≤ ε.
+        distance = 2 * (1 - probs)
+        step = torch.where(
+            distance > 0, (self.epsilon / distance.clamp_min(1e-12)).clamp_max(1), 0
+        )
+        if self.keep_top1:
+            deviation = deviation.masked_fill(~_keeps_top1(probs, step), -torch.inf)
+        vertex = deviation.argmax(dim=1, keepdim=True)
+        alpha = step.gather(1, vertex)
+        one_hot = torch.zeros_like(probs).scatter_(1, vertex, 1.0)
+        return (1 - alpha) * probs + alpha * one_hot
+
+
+class MADArgmax(MAD):
+    """MAD restricted to vertices whose step keeps the clean top-1 label."""
+
+    method = "mad_argmax"
+    keep_top1 = True
+
+
+def _keeps_top1(probs: Tensor, step: Tensor) -> Tensor:
+    """``[B, K]``: does stepping by ``step[b, k]`` toward ``e_k`` keep ``argmax probs``?"""
+    top = probs.argmax(dim=1, keepdim=True)
+    top_prob = probs.gather(1, top)
+    # After the step the top class holds (1−α) y_a and class k holds (1−α) y_k + α.
+    keeps = (1 - step) * (top_prob - probs) >= step
+    return keeps.scatter(1, top, True)
+
+
+def _last_linear_names(model: nn.Module) -> list[str]:
+    linear_layers = [n for n, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linear_layers:
+        raise ValueError("MAD needs a surrogate whose last layer is nn.Linear")
+    prefix = linear_layers[-1]
+    names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] == prefix]
+    return names
+
+
+DEFENSES: dict[str, type[Defense]] = {
+    cls.method: cls
+    for cls in (NoDefense, Top1, Rounding, ReverseSigmoid, GRAD2, RandomNoise, MAD, MADArgmax)
+}
+
+
+def build_defense(
+    config: DefenseConfig | Mapping,
+    surrogate: nn.Module | None = None,
+    target: Target | None = None,
+) -> Defense:
+    """Build the defense a ``defense:`` section names.
+
+    Args:
+        config: a :class:`DefenseConfig` or the raw mapping (validated here).
+        surrogate: the surrogate network, for ``grad2``, ``mad`` and ``mad_argmax``.
+        target: the tensor dict of a ``watermark`` or ``file`` target.
+
+    Raises:
+        ConfigError: naming the key, when the section or the objects do not fit.
+    """
+    if not isinstance(config, DefenseConfig):
+        config = DefenseConfig.from_dict(config)
+    if config.needs_surrogate and surrogate is None:
+        raise ConfigError("defense.surrogate", f"method {config.method} needs a surrogate model")
+    return DEFENSES[config.method].from_config(config, surrogate, target)

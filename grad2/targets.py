@@ -1,0 +1,115 @@
+"""Target directions ``t`` in the surrogate's parameter space (``grad2.md`` §3).
+
+A target is a ``dict`` keyed by ``model.named_parameters()`` names with tensors of the
+parameters' shapes. Only the direction matters to the solver (it ranks scores), so
+targets are not normalised.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from grad2.scores import Target
+
+__all__ = ["all_ones", "check", "load", "min_ip", "random", "save", "watermark"]
+
+
+def all_ones(model: nn.Module) -> dict[str, Tensor]:
+    """``t = 1`` over every parameter, batch-norm affine terms included (GRAD²'s default)."""
+    return {name: torch.ones_like(p) for name, p in model.named_parameters()}
+
+
+def random(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:
+    """A seeded standard-Gaussian direction, identical on every machine (drawn on CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p)
+        for name, p in model.named_parameters()
+    }
+
+
+def min_ip(model: nn.Module, x: Tensor, probs: Tensor) -> dict[str, Tensor]:
+    """``t = −mean_b Gᵀ y_b``: oppose the batch's own clean training gradient.
+
+    Depends on the whole batch ("uncoordinated" ablation). ``x``: ``[B, ...]``,
+    ``probs``: ``[B, K]``.
+    """
+    return _gradient(model, x, probs, sign=-1.0)
+
+
+def watermark(model: nn.Module, triggers: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """``t = mean_w ∇_θ log s_θ(y_w | x_w)``: clones learn ``triggers → labels``.
+
+    ``triggers``: ``[W, ...]`` inputs; ``labels``: ``[W]`` class indices.
+    """
+    with torch.no_grad():
+        num_classes = model.eval()(triggers[:1]).shape[-1]
+    one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).to(triggers.dtype)
+    return _gradient(model, triggers, one_hot, sign=1.0)
+
+
+def _gradient(model: nn.Module, x: Tensor, weights: Tensor, sign: float) -> dict[str, Tensor]:
+    """``sign · mean_b ∇_θ Σ_k weights_bk log s_θ(k | x_b)``, model in eval mode."""
+    leaves = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = x.clone() if x.is_inference() else x
+            logits = functional_call(model, (leaves, buffers), (x,))
+            log_probs = torch.log_softmax(logits, dim=-1)
+            objective = (weights.detach().to(log_probs.dtype) * log_probs).sum() / x.shape[0]
+            grads = torch.autograd.grad(objective, list(leaves.values()))
+    finally:
+        model.train(was_training)
+    return {name: sign * grad.detach() for name, grad in zip(leaves, grads)}
+
+
+def check(target: Target, model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``target`` matches ``model``'s parameters (names, shapes)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(target) - set(params))
+    if unknown:
+        raise ValueError(f"target has tensors the surrogate does not: {unknown[:3]}")
+    if not target:
+        raise ValueError("target is empty")
+    for name, tensor in target.items():
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"target[{name!r}] is not a tensor")
+        if tensor.shape != params[name].shape:
+            raise ValueError(
+                f"target[{name!r}] has shape {tuple(tensor.shape)}, the surrogate's parameter "
+                f"{tuple(params[name].shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"target[{name!r}] has non-finite values")
+
+
+def save(target: Target, path: str | PathLike) -> Path:
+    """Write ``target`` as a plain tensor dict (loadable with ``weights_only=True``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({name: t.detach().cpu() for name, t in target.items()}, path)
+    return path
+
+
+def load(path: str | PathLike, model: nn.Module) -> dict[str, Tensor]:
+    """Read a target saved by :func:`save` and check it against ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"target file {path} not found")
+    try:
+        target = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors all mean "not a target"
+        raise ValueError(f"target file {path} is not a saved tensor dict: {error}") from error
+    if not isinstance(target, dict):
+        raise ValueError(f"target file {path} holds a {type(target).__name__}, not a dict")
+    check(target, model)
+    reference = next(model.parameters())
+    return {n: t.to(dtype=reference.dtype, device=reference.device) for n, t in target.items()}
