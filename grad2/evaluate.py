@@ -1,0 +1,563 @@
+"""The trade-off sweep: thieves trained on every defense's answers (``grad2.md`` §7).
+
+For each thief pool, defense and knob, the pool's defended answers are computed once and
+cached; the defender's utility is measured on the Fashion-MNIST test split (accuracy of
+``argmax ỹ``, effective L1); then each thief trains a clone from scratch on the answers
+and is scored on the same test split. Results go to CSV/JSON, PNG plots and a markdown
+table of clone accuracy interpolated at fixed defender accuracy drops.
+
+Thieves:
+- ``soft``: soft-label distillation (Knockoff style).
+- ``labels``: trains on ``argmax ỹ`` only.
+- ``arch``: a clone architecture different from the surrogate's (``wide_cnn``).
+- ``smooth``: several augmented copies of each image, answers averaged; the pool is cut
+  so the query count stays the same as the other thieves'.
+- ``prior``: the soft clone with logit adjustment by the answers' mean class
+  distribution, removing a defense's class bias.
+
+Controls (is GRAD² steering gradients, or only biasing classes?): the same solver with
+random scores, GRAD²'s scores shuffled across queries, and a fixed-class push to the class
+GRAD² picks most often. Every run records the histogram of receiving classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from grad2 import defenses as D
+from grad2.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
+from grad2.models import build_model, load_checkpoint, save_checkpoint
+from grad2.train import (
+    CLONE_EPOCHS,
+    SURROGATE_EPOCHS,
+    SURROGATE_PLANNED_EPOCHS,
+    augment_batch,
+    predict_probs,
+    set_seed,
+    set_threads,
+    train_clone,
+    train_surrogate,
+    train_victim,
+)
+
+THIEVES = ("soft", "labels", "arch", "smooth", "prior")
+POOLS = ("animal", "fashion_heldout")
+MISMATCH_ARCH = "wide_cnn"
+SMOOTH_COPIES = 4
+DROPS = (0.5, 1.0, 2.0, 5.0)
+EPSILONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFENSE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """One point of the sweep: a defense family (``name``) at one knob value."""
+
+    name: str
+    knob: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.knob:g}"
+
+
+@dataclass
+class RunResult:
+    pool: str
+    defense: str
+    knob: float
+    thief: str
+    seed: int
+    effective_l1: float
+    defender_accuracy: float
+    clone_accuracy: float
+    clone_agreement: float
+    label_flip_rate: float
+    queries: int
+    receivers: list[int] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+@dataclass
+class Sweep:
+    """What to run. ``grid`` maps a defense family to its knob values."""
+
+    grid: dict[str, tuple[float, ...]]
+    pools: tuple[str, ...] = POOLS
+    thieves: tuple[str, ...] = ("soft",)
+    seeds: tuple[int, ...] = (0,)
+    pool_size: int | None = None
+    clone_epochs: int = CLONE_EPOCHS
+    adaptive: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    adaptive_thieves: tuple[str, ...] = ()
+    headline: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    headline_seeds: tuple[int, ...] = ()
+    test_size: int | None = None
+
+
+def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
+    eps = tuple(epsilons)
+    return {
+        "none": (0.0,),
+        "top1": (0.0,),
+        "rounding": (2.0, 1.0),
+        "reverse_sigmoid": (0.3, 0.7),
+        "random": eps,
+        "mad": eps,
+        "mad_argmax": eps,
+        "grad2": eps,
+        "grad2_top1": eps,
+        "grad2_min_ip": eps,
+        "grad2_random_surrogate": eps,
+        "control_random_scores": eps,
+        "control_shuffled": eps,
+        "control_fixed_class": eps,
+    }
+
+
+def quick_sweep() -> Sweep:
+    """Minutes on 2 cores: small pool, short clones, a few budgets, one seed."""
+    grid = full_grid((0.0, 0.5, 1.0))
+    grid["rounding"] = (1.0,)
+    grid["reverse_sigmoid"] = (0.7,)
+    return Sweep(grid=grid, pools=("animal",), pool_size=2000, clone_epochs=4, test_size=2000)
+
+
+def headline_sweep() -> Sweep:
+    """The committed run: every defense at six budgets with the soft thief on both pools,
+    adaptive thieves at three budgets, three seeds on the headline points."""
+    eps = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    return Sweep(
+        grid=full_grid(eps),
+        adaptive={"none": (0.0,), "grad2": (0.2, 0.5, 1.0), "mad": (0.2, 0.5, 1.0),
+                  "reverse_sigmoid": (0.3, 0.7)},
+        adaptive_thieves=("labels", "arch", "smooth", "prior"),
+        headline={"none": (0.0,), "grad2": (0.2, 0.4, 0.6)},
+        headline_seeds=(1, 2),
+    )
+
+
+class Lab:
+    """Trained models and cached answers for one evaluation folder."""
+
+    def __init__(self, folder: Path, device: str = "cpu", progress: bool = True) -> None:
+        self.folder = folder
+        self.device = device
+        self.progress = progress
+        folder.mkdir(parents=True, exist_ok=True)
+        self.test = load_fashion_mnist("test")
+        self.test_inputs = to_tensor(self.test.images)
+        self.test_labels = torch.from_numpy(self.test.labels)
+        self.victim = self._model("victim", self._train_victim)
+        self.test_probs = predict_probs(self.victim, self.test_inputs, device=device)
+        self.victim_accuracy = _accuracy(self.test_probs, self.test_labels)
+        self._pools: dict[tuple[str, int | None], tuple[Tensor, Tensor]] = {}
+        self._defenses: dict[tuple[str, str], D.Defense] = {}
+
+    # ---------------------------------------------------------------- models
+    def _model(self, name: str, train: Callable[[], nn.Module]) -> nn.Module:
+        path = self.folder / "models" / f"{name}.pt"
+        if path.exists():
+            model, _ = load_checkpoint(path)
+            return model.to(self.device)
+        started = time.perf_counter()
+        model = train()
+        save_checkpoint(model, path, {"role": name, "wall_time_s": time.perf_counter() - started})
+        return model
+
+    def _train_victim(self) -> nn.Module:
+        model, _ = train_victim(progress=self.progress, device=self.device)
+        return model
+
+    def surrogate(self, pool: str, random_init: bool = False) -> nn.Module:
+        if random_init:
+            set_seed(12345)
+            return build_model("small_cnn").eval().to(self.device)
+
+        def train() -> nn.Module:
+            return train_surrogate(
+                self.victim, thief_pool(pool, seed=0), epochs=SURROGATE_EPOCHS,
+                planned_epochs=SURROGATE_PLANNED_EPOCHS, seed=7, progress=self.progress,
+                device=self.device,
+            )
+
+        return self._model(f"surrogate_{pool}", train)
+
+    def pool(self, name: str, size: int | None) -> tuple[Tensor, Tensor]:
+        """``(inputs [N,1,28,28], clean victim probabilities [N,K])`` of a thief pool."""
+        if (name, size) not in self._pools:
+            pool = thief_pool(name, size=size, seed=0)
+            inputs = to_tensor(pool.images)
+            clean = predict_probs(self.victim, inputs, device=self.device)
+            self._pools[name, size] = (inputs, clean)
+        return self._pools[name, size]
+
+    # ---------------------------------------------------------------- defenses
+    def defense(self, spec: DefenseSpec, pool: str) -> D.Defense:
+        """The defense a spec names, with the surrogate trained on ``pool``'s distribution."""
+        family, knob = spec.name, spec.knob
+        surrogate = (
+            self.surrogate(pool, random_init=family == "grad2_random_surrogate")
+            if family.startswith(("grad2", "mad", "control_shuffled"))
+            else None
+        )
+        builders: dict[str, Callable[[], D.Defense]] = {
+            "none": D.NoDefense,
+            "top1": D.Top1,
+            "rounding": lambda: D.Rounding(int(knob)),
+            "reverse_sigmoid": lambda: D.ReverseSigmoid(beta=knob),
+            "random": lambda: D.RandomNoise(knob, seed=0),
+            "mad": lambda: D.MAD(surrogate, knob),
+            "mad_argmax": lambda: D.MADArgmax(surrogate, knob),
+            "grad2": lambda: D.GRAD2(surrogate, knob),
+            "grad2_top1": lambda: D.GRAD2(surrogate, knob, preserve_top1=True),
+            "grad2_min_ip": lambda: D.GRAD2(surrogate, knob, target="min_ip"),
+            "grad2_random_surrogate": lambda: D.GRAD2(surrogate, knob),
+            "control_random_scores": lambda: D.RandomScores(knob, seed=0),
+            "control_shuffled": lambda: D.ShuffledScores(D.GRAD2(surrogate, knob), seed=0),
+            "control_fixed_class": lambda: D.FixedClassPush(knob, self.favourite_class(pool)),
+        }
+        if family not in builders:
+            raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
+        return builders[family]()
+
+    def favourite_class(self, pool: str) -> int:
+        """The class GRAD² (epsilon 0.5) sends mass to most often on ``pool``."""
+        answers = self.answers(DefenseSpec("grad2", 0.5), pool, None, "pool")
+        _inputs, clean = self.pool(pool, None)
+        return int(np.bincount(receivers(clean, answers), minlength=clean.shape[1]).argmax())
+
+    def answers(self, spec: DefenseSpec, pool: str, size: int | None, split: str) -> Tensor:
+        """Defended answers (cached on disk) for a pool (``split="pool"``) or the test set."""
+        tag = "test" if split == "test" else f"{pool}-{size or 'all'}"
+        path = self.folder / "answers" / f"{spec.key}-{pool}-{tag}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        inputs, clean = (
+            (self.test_inputs, self.test_probs) if split == "test" else self.pool(pool, size)
+        )
+        defense = self.defense(spec, pool)
+        answers = apply_defense(defense, inputs, clean, progress=self.progress, desc=spec.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(answers, path)
+        return answers
+
+
+def apply_defense(
+    defense: D.Defense, inputs: Tensor, clean: Tensor, batch_size: int = DEFENSE_BATCH,
+    progress: bool = True, desc: str = "defense",
+) -> Tensor:
+    """``defense`` over ``inputs``/``clean`` in batches; ``[N, K]`` float32 answers."""
+    parts = []
+    starts = range(0, len(inputs), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
+        x = inputs[start:start + batch_size]
+        parts.append(defense(x, clean[start:start + batch_size]).float())
+    return torch.cat(parts)
+
+
+def receivers(clean: Tensor, answers: Tensor) -> np.ndarray:
+    """The class that gained the most mass per answer (``[N]``); -1 where nothing moved."""
+    gain = answers - clean
+    moved = gain.abs().sum(dim=1) > 1e-6
+    return torch.where(moved, gain.argmax(dim=1), -1).numpy()
+
+
+def _accuracy(probs: Tensor, labels: Tensor) -> float:
+    return (probs.argmax(dim=1) == labels).float().mean().item()
+
+
+def prior_corrected_logits(logits: Tensor, answers: Tensor) -> Tensor:
+    """Logit adjustment: remove the class prior the thief saw (mean answer) vs uniform."""
+    prior = answers.mean(dim=0).clamp_min(1e-6)
+    return logits - torch.log(prior * answers.shape[1])
+
+
+def smoothed_answers(
+    query: Callable[[Tensor], Tensor], inputs: Tensor, copies: int, seed: int
+) -> tuple[Tensor, int]:
+    """Answers averaged over ``copies`` augmented queries of each input; query count."""
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(0)
+    for _ in range(copies):
+        answers = query(augment_batch(inputs, generator))
+        total = answers if total.numel() == 0 else total + answers
+    return total / copies, copies * len(inputs)
+
+
+def run_one(
+    lab: Lab, spec: DefenseSpec, pool: str, thief: str, seed: int, sweep: Sweep
+) -> RunResult:
+    """Train one thief's clone on ``spec``'s answers and measure everything."""
+    started = time.perf_counter()
+    inputs, clean = lab.pool(pool, sweep.pool_size)
+    answers = lab.answers(spec, pool, sweep.pool_size, "pool")
+    test_answers = lab.answers(spec, pool, None, "test")
+    queries = len(inputs)
+    arch = MISMATCH_ARCH if thief == "arch" else "small_cnn"
+    train_inputs, train_answers = inputs, answers
+    if thief == "smooth":
+        keep = len(inputs) // SMOOTH_COPIES  # same query budget as every other thief
+        defense = lab.defense(spec, pool)
+
+        def query(batch: Tensor) -> Tensor:
+            victim_probs = predict_probs(lab.victim, batch, device=lab.device)
+            return apply_defense(defense, batch, victim_probs, progress=False)
+
+        train_inputs = inputs[:keep]
+        train_answers, queries = smoothed_answers(query, train_inputs, SMOOTH_COPIES, seed)
+    clone = train_clone(
+        train_inputs, train_answers, arch=arch, epochs=sweep.clone_epochs, seed=seed,
+        hard_labels=thief == "labels", progress=lab.progress, device=lab.device,
+    )
+    test_inputs = lab.test_inputs[: sweep.test_size]
+    labels = lab.test_labels[: sweep.test_size]
+    with torch.inference_mode():
+        logits = torch.cat([
+            clone(test_inputs[i:i + 1000].to(lab.device)).float().cpu()
+            for i in range(0, len(test_inputs), 1000)
+        ])
+    if thief == "prior":
+        logits = prior_corrected_logits(logits, train_answers)
+    predicted = logits.argmax(dim=1)
+    defended_top = test_answers.argmax(dim=1)
+    hist = np.bincount(receivers(clean, answers) + 1, minlength=clean.shape[1] + 1)
+    return RunResult(
+        pool=pool, defense=spec.name, knob=spec.knob, thief=thief, seed=seed,
+        effective_l1=(test_answers - lab.test_probs).abs().sum(dim=1).mean().item(),
+        defender_accuracy=_accuracy(test_answers, lab.test_labels),
+        clone_accuracy=(predicted == labels).float().mean().item(),
+        clone_agreement=(predicted == lab.test_probs[: sweep.test_size].argmax(1)).float()
+        .mean().item(),
+        label_flip_rate=(defended_top != lab.test_probs.argmax(dim=1)).float().mean().item(),
+        queries=queries,
+        receivers=hist[1:].tolist(),
+        wall_time_s=round(time.perf_counter() - started, 1),
+    )
+
+
+def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
+    """Every (defense, pool, thief, seed) the sweep asks for, without repeats."""
+    runs: list[tuple[DefenseSpec, str, str, int]] = []
+
+    def add(grid: dict[str, tuple[float, ...]], thieves, seeds) -> None:
+        for name, knobs in grid.items():
+            for knob in knobs:
+                for pool in sweep.pools:
+                    for thief in thieves:
+                        for seed in seeds:
+                            run = (DefenseSpec(name, float(knob)), pool, thief, seed)
+                            if run not in runs:
+                                runs.append(run)
+
+    add(sweep.grid, sweep.thieves, sweep.seeds)
+    add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
+    add(sweep.headline, ("soft", "prior"), sweep.headline_seeds)
+    return runs
+
+
+def run_key(spec: DefenseSpec, pool: str, thief: str, seed: int, sweep: Sweep) -> str:
+    setting = f"{sweep.pool_size}-{sweep.clone_epochs}-{sweep.test_size}"
+    return f"{pool}|{spec.key}|{thief}|{seed}|{setting}"
+
+
+def evaluate(sweep: Sweep, out: Path, lab: Lab) -> list[RunResult]:
+    """Run everything not yet in ``out/runs.jsonl``; write CSV, JSON, plots and table."""
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / "runs.jsonl"
+    done: dict[str, RunResult] = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            record = json.loads(line)
+            done[record.pop("key")] = RunResult(**record)
+    todo = plan(sweep)
+    bar = tqdm(todo, desc="sweep", unit="clone", disable=not lab.progress)
+    results = []
+    for spec, pool, thief, seed in bar:
+        key = run_key(spec, pool, thief, seed, sweep)
+        bar.set_postfix_str(f"{pool} {spec.key} {thief} s{seed}")
+        if key not in done:
+            done[key] = run_one(lab, spec, pool, thief, seed, sweep)
+            with journal.open("a") as handle:
+                handle.write(json.dumps({"key": key, **asdict(done[key])}) + "\n")
+        results.append(done[key])
+    write_reports(results, out, lab.victim_accuracy)
+    return results
+
+
+# -------------------------------------------------------------------- reports
+def write_reports(results: list[RunResult], out: Path, victim_accuracy: float) -> None:
+    rows = [asdict(r) for r in results]
+    (out / "results.json").write_text(
+        json.dumps({"victim_accuracy": victim_accuracy, "runs": rows}, indent=1)
+    )
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "receivers"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v for k, v in row.items() if k != "receivers"})
+    (out / "table.md").write_text(markdown_table(results, victim_accuracy))
+    plot(results, out, victim_accuracy)
+
+
+def aggregate(results: list[RunResult]) -> dict[tuple, dict[str, float]]:
+    """Mean and std over seeds for every (pool, thief, defense, knob)."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.pool, r.thief, r.defense, r.knob), []).append(r)
+    summary = {}
+    for key, runs in groups.items():
+        clone = np.array([r.clone_accuracy for r in runs]) * 100
+        summary[key] = {
+            "clone": float(clone.mean()),
+            "clone_std": float(clone.std(ddof=1)) if len(runs) > 1 else float("nan"),
+            "defender": float(np.mean([r.defender_accuracy for r in runs]) * 100),
+            "l1": float(np.mean([r.effective_l1 for r in runs])),
+            "seeds": len(runs),
+        }
+    return summary
+
+
+def clone_at_drop(points: list[tuple[float, float]], drop: float) -> float:
+    """Clone accuracy linearly interpolated at ``drop`` defender-accuracy points.
+
+    ``points``: ``(defender accuracy drop, clone accuracy)`` pairs. For each drop, the
+    lowest clone accuracy reachable within it (the defender picks the best knob), with
+    interpolation between neighbouring knobs; NaN if no knob drops that little.
+    """
+    points = sorted(points)
+    best = math.nan
+    for (d0, c0), (d1, c1) in itertools.pairwise(points):
+        if d0 <= drop <= d1 and d1 > d0:
+            value = c0 + (c1 - c0) * (drop - d0) / (d1 - d0)
+            best = value if math.isnan(best) else min(best, value)
+    reached = [c for d, c in points if d <= drop]
+    if reached:
+        best = min([*reached, best]) if not math.isnan(best) else min(reached)
+    return best
+
+
+def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
+    summary = aggregate(results)
+    lines = [f"Victim test accuracy: {victim_accuracy * 100:.2f}%", ""]
+    for pool in sorted({k[0] for k in summary}):
+        for thief in sorted({k[1] for k in summary if k[0] == pool}):
+            families = sorted({k[2] for k in summary if k[:2] == (pool, thief)})
+            lines += [
+                f"### pool `{pool}`, thief `{thief}`: clone accuracy (%) at a defender "
+                "accuracy drop of at most …",
+                "",
+                "| defense | " + " | ".join(f"{d:g} pt" for d in DROPS) + " | points |",
+                "| --- | " + " | ".join("---" for _ in DROPS) + " | --- |",
+            ]
+            for family in families:
+                points = [
+                    (victim_accuracy * 100 - s["defender"], s["clone"])
+                    for k, s in summary.items() if k[:3] == (pool, thief, family)
+                ]
+                cells = [clone_at_drop(points, drop) for drop in DROPS]
+                text = " | ".join("—" if math.isnan(c) else f"{c:.1f}" for c in cells)
+                lines.append(f"| {family} | {text} | {len(points)} |")
+            lines.append("")
+    lines += ["### every point (mean ± std over seeds)", "",
+              "| pool | thief | defense | knob | eff. L1 | defender acc | clone acc | seeds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (pool, thief, family, knob), s in sorted(summary.items()):
+        std = "" if math.isnan(s["clone_std"]) else f" ± {s['clone_std']:.1f}"
+        lines.append(
+            f"| {pool} | {thief} | {family} | {knob:g} | {s['l1']:.3f} | {s['defender']:.2f} "
+            f"| {s['clone']:.1f}{std} | {s['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[RunResult], out: Path, victim_accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = aggregate(results)
+    for pool in sorted({k[0] for k in summary}):
+        figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+        for family in sorted({k[2] for k in summary if k[:2] == (pool, "soft")}):
+            points = sorted(
+                (k[3], s) for k, s in summary.items() if k[:3] == (pool, "soft", family)
+            )
+            defender_error = [100 - s["defender"] for _, s in points]
+            clone_error = [100 - s["clone"] for _, s in points]
+            l1 = [s["l1"] for _, s in points]
+            style = "-o" if family.startswith("grad2") else "--."
+            left.plot(defender_error, clone_error, style, label=family, markersize=4)
+            right.plot(l1, clone_error, style, label=family, markersize=4)
+        left.set_xlabel("defender error (%)")
+        right.set_xlabel("effective L1 (mean ‖ỹ − y‖₁ on the test split)")
+        for axis in (left, right):
+            axis.set_ylabel("clone error (%)")
+            axis.grid(alpha=0.3)
+        left.axvline(100 - victim_accuracy * 100, color="grey", lw=0.8)
+        right.legend(fontsize=7, ncol=2)
+        figure.suptitle(f"soft-label thief, pool {pool}")
+        figure.tight_layout()
+        figure.savefig(out / f"tradeoff_{pool}.png", dpi=110)
+        plt.close(figure)
+
+
+# -------------------------------------------------------------------- CLI
+def _evaluate_command(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    sweep = quick_sweep() if args.quick else headline_sweep()
+    if args.full_grid:
+        sweep.grid = full_grid(EPSILONS)
+    if args.pools:
+        sweep.pools = tuple(args.pools)
+    if args.defenses:
+        sweep.grid = {k: v for k, v in sweep.grid.items() if k in args.defenses}
+        sweep.adaptive = {k: v for k, v in sweep.adaptive.items() if k in args.defenses}
+        sweep.headline = {k: v for k, v in sweep.headline.items() if k in args.defenses}
+    if args.no_adaptive:
+        sweep.adaptive, sweep.headline = {}, {}
+    if args.clone_epochs:
+        sweep.clone_epochs = args.clone_epochs
+    if args.pool_size:
+        sweep.pool_size = args.pool_size
+    lab = Lab(Path(args.cache or cache_dir() / "eval"), device=args.device,
+              progress=not args.no_progress)
+    results = evaluate(sweep, Path(args.out), lab)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"{len(results)} runs; reports in {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="sweep thieves against every defense; write the trade-off table",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--out", default="runs/evaluate", help="report folder")
+    parser.add_argument("--cache", help="folder for models and answers (default: cache/eval)")
+    parser.add_argument("--quick", action="store_true", help="a minutes-long miniature sweep")
+    parser.add_argument("--full-grid", action="store_true", help="epsilon 0, 0.1, ..., 1.0")
+    parser.add_argument("--pools", nargs="+", choices=POOLS)
+    parser.add_argument("--defenses", nargs="+", help="only these defense families")
+    parser.add_argument("--no-adaptive", action="store_true", help="soft thief only")
+    parser.add_argument("--clone-epochs", type=int)
+    parser.add_argument("--pool-size", type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_evaluate_command)
+
