@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from grad2 import defenses as D
+from grad2 import targets
 from grad2.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
 from grad2.models import build_model, load_checkpoint, save_checkpoint
 from grad2.train import (
@@ -122,6 +123,7 @@ def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
         "grad2_top1": eps,
         "grad2_min_ip": eps,
         "grad2_random_surrogate": eps,
+        "grad2_misdirect": eps,
         "control_random_scores": eps,
         "control_shuffled": eps,
         "control_fixed_class": eps,
@@ -226,6 +228,7 @@ class Lab:
             "grad2_top1": lambda: D.GRAD2(surrogate, knob, preserve_top1=True),
             "grad2_min_ip": lambda: D.GRAD2(surrogate, knob, target="min_ip"),
             "grad2_random_surrogate": lambda: D.GRAD2(surrogate, knob),
+            "grad2_misdirect": lambda: D.GRAD2(surrogate, knob, self.misdirect_target(pool)),
             "control_random_scores": lambda: D.RandomScores(knob, seed=0),
             "control_shuffled": lambda: D.ShuffledScores(D.GRAD2(surrogate, knob), seed=0),
             "control_fixed_class": lambda: D.FixedClassPush(knob, self.favourite_class(pool)),
@@ -233,6 +236,15 @@ class Lab:
         if family not in builders:
             raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
         return builders[family]()
+
+    def misdirect_target(self, pool: str) -> dict[str, Tensor]:
+        """The fixed misdirection target, from the surrogate on 2,000 pool images."""
+        path = self.folder / "models" / f"misdirect_{pool}.pt"
+        surrogate = self.surrogate(pool)
+        if path.exists():
+            return targets.load(path, surrogate)
+        references = to_tensor(thief_pool(pool, size=2000, seed=99).images)
+        return targets.load(targets.save(targets.misdirect(surrogate, references), path), surrogate)
 
     def favourite_class(self, pool: str) -> int:
         """The class GRAD² (epsilon 0.5) sends mass to most often on ``pool``."""

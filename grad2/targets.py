@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from grad2.scores import Target
 
-__all__ = ["all_ones", "check", "load", "min_ip", "random", "save", "watermark"]
+__all__ = ["all_ones", "check", "load", "min_ip", "misdirect", "random", "save", "watermark"]
 
 
 def all_ones(model: nn.Module) -> dict[str, Tensor]:
@@ -51,6 +51,25 @@ def watermark(model: nn.Module, triggers: Tensor, labels: Tensor) -> dict[str, T
         num_classes = model.eval()(triggers[:1]).shape[-1]
     one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).to(triggers.dtype)
     return _gradient(model, triggers, one_hot, sign=1.0)
+
+
+def misdirect(model: nn.Module, references: Tensor, shift: int = 1) -> dict[str, Tensor]:
+    """A fixed direction that teaches clones a wrong labelling: class ``k → k + shift``.
+
+    ``t = mean_x ∇_θ log s_θ((ŷ(x) + shift) mod K | x)`` over ``references`` ``[N, ...]``
+    (inputs like the thief's, e.g. the surrogate's training pool), with ``ŷ`` the
+    surrogate's own label. Computed once, so answers stay a pure function of the query and
+    every query pushes clones the same way (coordinated, as ``all_ones``); unlike
+    ``all_ones`` the last layer contributes, so the receiving class depends on the query.
+    """
+    with torch.no_grad():
+        logits = model.eval()(references)
+    num_classes = logits.shape[-1]
+    if shift % num_classes == 0:
+        raise ValueError(f"shift must not be a multiple of the class count {num_classes}")
+    wrong = (logits.argmax(dim=-1) + shift) % num_classes
+    one_hot = torch.nn.functional.one_hot(wrong, num_classes).to(references.dtype)
+    return _gradient(model, references, one_hot, sign=1.0)
 
 
 def _gradient(model: nn.Module, x: Tensor, weights: Tensor, sign: float) -> dict[str, Tensor]:
