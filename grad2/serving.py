@@ -400,12 +400,30 @@ class TorchServeServer:
             waiting = [name for name in waiting if not self.ready(name)]
             if not waiting:
                 return
+            refusals = self.load_refusals(waiting)
+            if refusals:
+                raise RuntimeError("\n".join(refusals))
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"model(s) {', '.join(waiting)} not READY after {timeout:.0f} s\n"
                     f"{self.log_errors()}"
                 )
             time.sleep(0.5)
+
+    def load_refusals(self, names: Iterable[str]) -> list[str]:
+        """``model NAME version V refused to load: <key>: <why>`` lines the grad2 handler
+        logged for models in ``names`` (a bad ``defense:`` section never turns READY)."""
+        path = self.log_dir / "model_log.log"
+        if not path.is_file():
+            return []
+        wanted = tuple(f"model {name} version " for name in names)
+        found = []
+        for line in path.read_text(errors="replace").splitlines():
+            if "refused to load:" in line:
+                message = line[line.find("model "):]
+                if message.startswith(wanted) and message not in found:
+                    found.append(message)
+        return found
 
     def log_errors(self, limit: int = 40) -> str:
         """The last error lines of the server's and workers' logs."""

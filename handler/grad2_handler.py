@@ -52,7 +52,7 @@ class Grad2Handler(BaseHandler):
         self.context = context
         self.manifest = context.manifest
         model = self.manifest.get("model", {})
-        self.model_name = str(model.get("modelName", context.model_name))
+        self.model_name = str(getattr(context, "model_name", None) or model.get("modelName", ""))
         self.model_version = str(model.get("modelVersion", ""))
         self.model_yaml_config = context.model_yaml_config or {}
         model_dir = Path(context.system_properties["model_dir"])
