@@ -5,14 +5,16 @@ the query; the handler runs the victim image by image so batching cannot change 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
-from conftest import stop_and_check_gone
 from ts_client import png, predict_raw
 
-from grad2.serving import Ports, start_server
+from grad2.serving import TorchServeServer
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +61,28 @@ def test_same_answer_alone_in_a_batch_and_on_another_server(
     else:
         pytest.fail(f"TorchServe never formed a batch > 1: {sizes}")
 
-    second = start_server(model_store, ["fashion=fashion-1.0.mar"], workdir=tmp_path / "ts2",
-                          ports=Ports.free(), timeout=240)
+    # The second instance is started and stopped through the CLI, as an operator would.
+    workdir = tmp_path / "ts2"
+    started = grad2_cli("serve", "--model-store", str(model_store), "--models",
+                        "fashion=fashion-1.0.mar", "--workdir", str(workdir), "--free-ports")
+    second = TorchServeServer.load(workdir)
+    pids = [process.pid for process in second.processes()]
     try:
-        again = predict_raw(second.inference_url, "/predictions/fashion", second.tokens().inference,
-                            PROBE)
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert "TorchServe is READY" in started.stdout and str(second.key_file) in started.stdout
+        assert second.ready("fashion")
+        again = predict_raw(second.inference_url, "/predictions/fashion",
+                            second.tokens().inference, PROBE)
         assert again.status_code == 200
         assert again.text == alone.text
     finally:
-        stop_and_check_gone(second)
+        stopped = grad2_cli("serve", "--stop", "--workdir", str(workdir))
+    assert stopped.returncode == 0 and "stopped TorchServe" in stopped.stdout
+    assert pids and not [pid for pid in pids if psutil.pid_exists(pid)
+                         and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not (workdir / "server.json").exists()
+
+
+def grad2_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "grad2.cli", *args], capture_output=True,
+                          text=True, check=False, timeout=300)
