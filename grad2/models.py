@@ -1,0 +1,209 @@
+"""Architectures for victims, surrogates and clones, and their checkpoint format.
+
+Every architecture takes ``float [B, C, 28, 28]`` (normalised, see ``grad2.data.to_tensor``)
+and returns logits ``[B, K]``. Networks are built by name through one registry:
+
+- ``small_cnn`` — the victim default: three conv/BN/ReLU/max-pool blocks (16, 32, 64
+  channels) and a linear head; ~29k parameters, fast on a CPU.
+- ``wide_cnn`` — a different and wider network for architecture-mismatch thieves: a 5x5
+  and a 3x3 conv block (32, 64 channels) and a 128-unit hidden layer with batch-norm.
+- ``resnet18_gray`` — torchvision's ResNet-18 with a 3x3 stride-1 first convolution and no
+  max-pool, suited to 28x28 inputs (slow on a CPU).
+- ``torchvision:<name>`` — any torchvision classification model, untrained, 3 channels.
+
+A checkpoint is ``name.pt`` (a ``state_dict``) beside ``name.json`` (metadata: ``arch``,
+``num_classes``, ``in_channels`` and whatever the trainer adds); :func:`load_checkpoint`
+rebuilds the network from the JSON and loads the weights with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+TORCHVISION_PREFIX = "torchvision:"
+#: Attributes that :func:`build_model` sets so a model remembers how it was built.
+_SPEC_ATTRIBUTES = ("grad2_arch", "grad2_num_classes", "grad2_in_channels")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's metadata is missing or does not match its weights."""
+
+
+def _conv_block(in_channels: int, out_channels: int, kernel_size: int = 3) -> list[nn.Module]:
+    """conv (no bias) -> batch-norm -> ReLU -> 2x2 max-pool: halves the side."""
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    ]
+
+
+def _small_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    # 28 -> 14 -> 7 -> 3 (floor), 64 channels.
+    return nn.Sequential(
+        *_conv_block(in_channels, 16),
+        *_conv_block(16, 32),
+        *_conv_block(32, 64),
+        nn.Flatten(),
+        nn.Linear(64 * 3 * 3, num_classes),
+    )
+
+
+def _wide_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    # 28 -> 14 -> 7, then a wide hidden layer.
+    return nn.Sequential(
+        *_conv_block(in_channels, 32, kernel_size=5),
+        *_conv_block(32, 64),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128, bias=False),
+        nn.BatchNorm1d(128),
+        nn.ReLU(inplace=True),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _resnet18_gray(num_classes: int, in_channels: int) -> nn.Module:
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+#: name -> builder(num_classes, in_channels). ``torchvision:<name>`` is handled apart.
+ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
+    "small_cnn": _small_cnn,
+    "wide_cnn": _wide_cnn,
+    "resnet18_gray": _resnet18_gray,
+}
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    if in_channels != 3:
+        raise ValueError(f"torchvision:{name} takes 3-channel input; got in_channels={in_channels}")
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(f"unknown torchvision classification model {name!r}")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def build_model(arch: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A freshly initialised network (``float [B, in_channels, H, W]`` -> logits
+    ``[B, num_classes]``). ``arch`` is a key of :data:`ARCHITECTURES` or
+    ``torchvision:<name>``. The model remembers ``arch`` for :func:`save_checkpoint`."""
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(f"num_classes and in_channels must be >= 1, got "
+                         f"{num_classes} and {in_channels}")
+    if arch.startswith(TORCHVISION_PREFIX):
+        model = _torchvision_model(arch.removeprefix(TORCHVISION_PREFIX), num_classes, in_channels)
+    elif arch in ARCHITECTURES:
+        model = ARCHITECTURES[arch](num_classes, in_channels)
+    else:
+        known = ", ".join([*ARCHITECTURES, f"{TORCHVISION_PREFIX}<name>"])
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {known}")
+    for attribute, value in zip(_SPEC_ATTRIBUTES, (arch, num_classes, in_channels)):
+        setattr(model, attribute, value)
+    return model
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """``{"arch", "num_classes", "in_channels"}`` of a model made by :func:`build_model`."""
+    if not all(hasattr(model, a) for a in _SPEC_ATTRIBUTES):
+        raise ValueError("model was not made by grad2.models.build_model; pass its 'arch', "
+                         "'num_classes' and 'in_channels' in the metadata")
+    return {a.removeprefix("grad2_"): getattr(model, a) for a in _SPEC_ATTRIBUTES}
+
+
+def metadata_path(path: Path) -> Path:
+    """The JSON file that goes with checkpoint ``path``."""
+    return Path(path).with_suffix(".json")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``path`` (the ``state_dict``) and ``path.with_suffix(".json")`` (``metadata``
+    plus ``arch``, ``num_classes``, ``in_channels`` and the weights' SHA-256). Both files are
+    replaced atomically. Returns the JSON path."""
+    path = Path(path)
+    metadata = dict(metadata or {})
+    try:
+        spec = model_spec(model)
+    except ValueError:
+        spec = {}
+    for key, value in spec.items():
+        if key in metadata and metadata[key] != value:
+            raise ValueError(f"metadata {key}={metadata[key]!r} contradicts the model's {value!r}")
+    metadata = {**spec, **metadata}
+    missing = [key for key in ("arch", "num_classes", "in_channels") if key not in metadata]
+    if missing:
+        raise ValueError(f"checkpoint metadata needs {', '.join(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    weights_tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, weights_tmp)
+    metadata["weights_sha256"] = _file_sha256(weights_tmp)
+    json_path = metadata_path(path)
+    json_tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
+    json_tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(weights_tmp, path)
+    os.replace(json_tmp, json_path)
+    return json_path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of checkpoint ``path``; :class:`CheckpointError` if absent."""
+    json_path = metadata_path(Path(path))
+    if not json_path.is_file():
+        raise CheckpointError(
+            f"{json_path}: metadata file missing; a checkpoint is {Path(path).name} plus "
+            f"{json_path.name} (written by save_checkpoint)"
+        )
+    try:
+        metadata = json.loads(json_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{json_path}: not valid JSON: {error}") from error
+    missing = [k for k in ("arch", "num_classes", "in_channels") if k not in metadata]
+    if missing:
+        raise CheckpointError(f"{json_path}: metadata lacks {', '.join(missing)}")
+    return metadata
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the network described by ``path.with_suffix(".json")`` and load the weights
+    in ``path``. Returns ``(model in eval mode, metadata)``."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint weights missing")
+    expected_hash = metadata.get("weights_sha256")
+    if expected_hash is not None and _file_sha256(path) != expected_hash:
+        raise CheckpointError(f"{path}: weights do not match the SHA-256 in "
+                              f"{metadata_path(path).name} (files from different runs?)")
+    try:
+        model = build_model(metadata["arch"], int(metadata["num_classes"]),
+                            int(metadata["in_channels"]))
+    except ValueError as error:
+        raise CheckpointError(f"{metadata_path(path)}: {error}") from error
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{path}: weights do not fit architecture {metadata['arch']!r} "
+            f"({metadata['num_classes']} classes, {metadata['in_channels']} channels): {error}"
+        ) from error
+    return model.to(map_location).eval(), metadata
