@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
@@ -72,6 +73,10 @@ class Grad2Handler(BaseHandler):
                 error,
             )
             raise
+        # PIL's own bomb guard, per worker process, on top of the max_side check that
+        # serving_io.decode_image makes before decoding.
+        max_side = self.served.input_config.max_side
+        Image.MAX_IMAGE_PIXELS = max_side * max_side
         self.device = torch.device("cpu")
         self.map_location = "cpu"
         self.model = self.served.victim

@@ -6,7 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from ts_client import answer_of, assert_on_simplex, png, png_bomb, post, predict_raw
+from ts_client import (
+    answer_of,
+    assert_on_simplex,
+    grpc_answer,
+    grpc_predict,
+    png,
+    png_bomb,
+    post,
+    predict_raw,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +73,14 @@ def test_bad_and_good_requests_in_one_batch(server, inference_token) -> None:
         assert response.status_code == status, response.text[:200]
         if status == 200:
             assert_on_simplex(answer_of(response))
+
+
+def test_bad_grpc_request_gets_the_error_body(server, inference_token, grpc_stubs) -> None:
+    """TorchServe 0.12's gRPC path drops the per-request HTTP status the handler sets
+    (the call ends OK), so a gRPC client reads the refusal from the JSON body."""
+    prediction = grpc_predict(grpc_stubs, server.grpc_inference_target, inference_token,
+                              "fashion", b"not an image")
+    refusal = json.loads(prediction)
+    assert refusal["code"] == 400 and "not an image" in refusal["message"]
+    assert_on_simplex(grpc_answer(grpc_stubs, server.grpc_inference_target, inference_token,
+                                  "fashion", GOOD))
