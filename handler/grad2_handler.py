@@ -97,18 +97,23 @@ class Grad2Handler(BaseHandler):
         started = time.perf_counter()
         self.context = context
         self._responses: list[Any] = [None] * len(data)
-        pixels, pending = self.preprocess(data)
-        if pending:
-            x = serving_io.normalise(pixels, self.served.input_config)
-            try:
-                probs = self.inference(x)
-            except Exception as error:
-                self._log_failure("victim", error, len(x))
-                for index, _ in pending:
+        try:
+            pixels, pending = self.preprocess(data)
+            if pending:
+                x = serving_io.normalise(pixels, self.served.input_config)
+                try:
+                    probs = self.inference(x)
+                except Exception as error:
+                    self._log_failure("victim", error, len(x))
+                    for index, _ in pending:
+                        self._refuse(index, 503, MODEL_FAILED)
+                else:
+                    self._deliver(pending, self.postprocess(x, probs))
+        except Exception as error:  # never let TorchServe log a message that may quote y
+            self._log_failure("handler", error, len(data))
+            for index, response in enumerate(self._responses):
+                if response is None:
                     self._refuse(index, 503, MODEL_FAILED)
-            else:
-                answers = self.postprocess(x, probs)
-                self._deliver(pending, answers)
         self._metric("HandlerTime", (time.perf_counter() - started) * 1000, "ms", versioned=False)
         return self._responses
 

@@ -509,3 +509,17 @@ def test_fuzzed_bytes_never_escape_as_other_errors() -> None:
         else:
             assert decoded.pixels.shape[1:] == (1, 28, 28)
             assert torch.isfinite(decoded.pixels).all()
+
+
+def test_unexpected_handler_error_still_answers_every_request(
+    handler_class: type, model_dir: Path, keep_threads: None
+) -> None:
+    handler, context = make_handler(handler_class, model_dir, model_config())
+
+    def broken_answers(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("values 0.123")
+
+    handler.postprocess = broken_answers
+    responses = handler.handle([{"body": bytearray(png_bytes())}, {"body": b"x"}], context)
+    assert len(responses) == 2
+    assert context.status(0) == 503 and context.status(1) == 400
