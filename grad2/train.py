@@ -1,0 +1,476 @@
+"""Training: the victim, the defender's early-stopped surrogate, and the thief's clone.
+
+One optimisation recipe serves all three (:func:`distill`, the thief's recipe of the GRAD²
+paper): SGD with Nesterov momentum 0.9, weight decay 5e-4, learning rate 0.1, batch 128, a
+per-step cosine schedule planned for ``planned_epochs`` and stopped after ``epochs``, random
+crop (padding 2) and horizontal flip done on whole batches. Soft-label cross-entropy on
+probability vectors, or plain cross-entropy on their argmax (a labels-only thief).
+
+- Victim: ``small_cnn`` on the first 50,000 Fashion-MNIST training images, one-hot labels.
+- Surrogate: distilled from the victim's clean answers on a thief pool, planned for the
+  clone's length (:data:`CLONE_EPOCHS`) and stopped after :data:`SURROGATE_EPOCHS` — the
+  paper's "10 of 50", scaled to this data.
+- Clone: distilled from (possibly defended) answers for :data:`CLONE_EPOCHS` epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from grad2.data import (
+    FASHION_MEAN,
+    FASHION_STD,
+    THIEF_POOLS,
+    Dataset,
+    load_fashion_mnist,
+    thief_pool,
+    to_tensor,
+    victim_train_split,
+)
+from grad2.models import build_model, load_checkpoint, model_spec, save_checkpoint
+
+VICTIM_ARCH = "small_cnn"
+VICTIM_EPOCHS = 15
+#: A thief's clone trains this many epochs on its pool (soft labels, augmentation).
+CLONE_EPOCHS = 20
+#: The surrogate's cosine schedule is planned for the clone's length and stopped early,
+#: as in the paper (10 of 50 epochs).
+SURROGATE_PLANNED_EPOCHS = CLONE_EPOCHS
+SURROGATE_EPOCHS = 4
+#: Normalised value of a black pixel: what random-crop padding fills in.
+BLACK = -FASHION_MEAN / FASHION_STD
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (model initialisation)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)``; ``None`` keeps torch's default."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    padding: int = 2,
+    flip: bool = True,
+    fill: float = BLACK,
+) -> torch.Tensor:
+    """Random crop after ``padding`` pixels of ``fill`` on every side, and a random
+    horizontal flip, drawn independently for each image. ``[B, C, H, W] -> [B, C, H, W]``.
+
+    One gather does both: each output pixel reads the padded image at a per-image
+    row/column offset (columns reversed for flipped images); no loop over images.
+    """
+    batch, channels, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding), value=fill)
+    padded_width = width + 2 * padding
+    device = images.device
+    shift_y = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator).to(device)
+    shift_x = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator).to(device)
+    columns = torch.arange(width, device=device).expand(batch, width)
+    if flip:
+        flipped = torch.rand(batch, 1, generator=generator).to(device) < 0.5
+        columns = torch.where(flipped, width - 1 - columns, columns)
+    rows = torch.arange(height, device=device) + shift_y  # [B, H]
+    columns = columns + shift_x  # [B, W]
+    flat_index = (rows[:, :, None] * padded_width + columns[:, None, :]).reshape(batch, 1, -1)
+    gathered = padded.reshape(batch, channels, -1).gather(
+        2, flat_index.expand(batch, channels, height * width)
+    )
+    return gathered.reshape(batch, channels, height, width)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _batches(count: int, batch_size: int) -> range:
+    return range(0, count, batch_size)
+
+
+def predict_probs(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, device: str = "cpu"
+) -> torch.Tensor:
+    """Softmax outputs ``[N, K]`` (float32, CPU) for ``inputs [N, C, H, W]``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in _batches(len(inputs), batch_size):
+            logits = model(inputs[start:start + batch_size].to(device))
+            outputs.append(logits.float().softmax(dim=1).cpu())
+    model.train(was_training)
+    if not outputs:
+        raise ValueError("no inputs")
+    return torch.cat(outputs)
+
+
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 1024,
+             device: str = "cpu") -> float:
+    """Fraction of ``dataset`` whose label is the model's argmax."""
+    if dataset.labels is None:
+        raise ValueError(f"{dataset.name or 'dataset'} has no labels")
+    predicted = predict_probs(model, to_tensor(dataset.images), batch_size, device).argmax(1)
+    return (predicted == torch.from_numpy(dataset.labels)).float().mean().item()
+
+
+def agreement(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor,
+              batch_size: int = 1024, device: str = "cpu") -> float:
+    """Fraction of ``inputs [N, C, H, W]`` on which both models' argmax agree."""
+    top_a = predict_probs(model_a, inputs, batch_size, device).argmax(1)
+    top_b = predict_probs(model_b, inputs, batch_size, device).argmax(1)
+    return (top_a == top_b).float().mean().item()
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-(targets * log_softmax(logits)).sum(1).mean()`` for ``[B, K]`` inputs."""
+    return -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """Cosine decay from ``base_lr`` at step 0 to 0 at ``total_steps``."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def distill(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    epochs: int,
+    planned_epochs: int | None = None,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+    augment: bool = True,
+    hard_labels: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` in place on ``inputs [N, C, H, W]`` (normalised floats) against
+    ``targets [N, K]`` (probability vectors) and return it in eval mode.
+
+    SGD with Nesterov momentum, weight decay, and a per-step cosine schedule planned for
+    ``planned_epochs`` (default ``epochs``) but stopped after ``epochs`` — early stopping,
+    still at a high learning rate, for surrogates. Loss: soft-label cross-entropy, or
+    cross-entropy on ``targets.argmax(1)`` with ``hard_labels``. ``seed`` fixes the batch
+    order and the augmentation (model initialisation is the caller's). Full batches only
+    (the last partial batch of each epoch is dropped) unless ``N < batch_size``.
+    ``on_epoch_end(epoch, mean_loss)`` is called after each epoch.
+    """
+    if inputs.ndim != 4 or targets.ndim != 2 or len(inputs) != len(targets):
+        raise ValueError(f"expected inputs [N, C, H, W] and targets [N, K], got "
+                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+    if len(inputs) == 0 or epochs < 0:
+        raise ValueError(f"need at least one example and epochs >= 0, got {len(inputs)}, {epochs}")
+    planned_epochs = epochs if planned_epochs is None else planned_epochs
+    if planned_epochs < epochs or planned_epochs < 1:
+        raise ValueError(f"planned_epochs ({planned_epochs}) must be >= epochs ({epochs}) and >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                nesterov=momentum > 0, weight_decay=weight_decay)
+    steps_per_epoch = max(1, len(inputs) // batch_size)
+    effective_batch = min(batch_size, len(inputs))
+    total_steps = planned_epochs * steps_per_epoch
+    labels = targets.argmax(dim=1) if hard_labels else None
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        running, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not progress, unit="batch")
+        for index in bar:
+            chosen = order[index * effective_batch:(index + 1) * effective_batch]
+            batch = inputs[chosen]
+            if augment:
+                batch = augment_batch(batch, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, step, total_steps)
+            logits = model(batch.to(device))
+            if labels is not None:
+                loss = F.cross_entropy(logits, labels[chosen].to(device))
+            else:
+                loss = soft_cross_entropy(logits, targets[chosen].to(device))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, "
+                                   f"step {index}; lower the learning rate (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running += loss.item() * len(chosen)
+            seen += len(chosen)
+            bar.set_postfix(loss=f"{running / seen:.3f}")
+        bar.close()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, running / seen)
+    return model.eval()
+
+
+# ----------------------------------------------------------------- victim, surrogate, clone
+
+
+def train_victim(
+    arch: str = VICTIM_ARCH,
+    epochs: int = VICTIM_EPOCHS,
+    seed: int = 0,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the victim on the first 50,000 Fashion-MNIST training images (augmented,
+    one-hot labels, :func:`distill`'s recipe). Returns ``(model in eval mode, metrics)``
+    with the test accuracy."""
+    started = time.perf_counter()
+    train = victim_train_split(data_dir)
+    test = load_fashion_mnist("test", data_dir)
+    set_seed(seed)
+    model = build_model(arch, num_classes=train.num_classes)
+    one_hot = F.one_hot(torch.from_numpy(train.labels), train.num_classes).float()
+    distill(model, to_tensor(train.images), one_hot, epochs, lr=lr, batch_size=batch_size,
+            seed=seed, hard_labels=True, progress=progress, device=device)
+    metrics = {
+        "role": "victim",
+        "dataset": train.name,
+        "train_size": len(train),
+        "test_accuracy": accuracy(model, test, device=device),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    return model, metrics
+
+
+def train_clone(
+    pool_inputs: torch.Tensor,
+    answers: torch.Tensor,
+    arch: str = VICTIM_ARCH,
+    epochs: int = CLONE_EPOCHS,
+    seed: int = 0,
+    hard_labels: bool = False,
+    planned_epochs: int | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> nn.Module:
+    """A thief's clone: a fresh ``arch`` network (seeded) distilled on ``answers [N, K]`` to
+    ``pool_inputs [N, C, H, W]``, with augmentation. Returned in eval mode."""
+    set_seed(seed)
+    model = build_model(arch, num_classes=answers.shape[1], in_channels=pool_inputs.shape[1])
+    return distill(model, pool_inputs, answers, epochs, planned_epochs=planned_epochs, seed=seed,
+                   hard_labels=hard_labels, progress=progress, device=device)
+
+
+def train_surrogate(
+    victim: nn.Module,
+    pool: Dataset,
+    epochs: int = SURROGATE_EPOCHS,
+    planned_epochs: int = SURROGATE_PLANNED_EPOCHS,
+    arch: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+) -> nn.Module:
+    """The defender's surrogate: distilled from ``victim``'s clean probabilities on
+    ``pool`` with the clone's recipe, cosine schedule planned for ``planned_epochs`` and
+    stopped after ``epochs``. ``arch`` defaults to the victim's."""
+    if arch is None:
+        arch = model_spec(victim)["arch"]
+    inputs = to_tensor(pool.images)
+    answers = predict_probs(victim, inputs, device=device)
+    return train_clone(inputs, answers, arch=arch, epochs=epochs, seed=seed,
+                       planned_epochs=planned_epochs, progress=progress, device=device)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _load_answers(path: Path, pool: Dataset) -> torch.Tensor:
+    """Answers saved by an attack: a ``[N, K]`` tensor, or a dict with key ``answers``."""
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    answers = loaded.get("answers") if isinstance(loaded, dict) else loaded
+    if not isinstance(answers, torch.Tensor) or answers.ndim != 2 or len(answers) != len(pool):
+        shape = tuple(answers.shape) if isinstance(answers, torch.Tensor) else type(answers)
+        raise ValueError(f"{path}: expected answers [{len(pool)}, K] for pool {pool.name}, "
+                         f"got {shape}")
+    answers = answers.float()
+    if (answers < 0).any() or not torch.allclose(answers.sum(1), torch.ones(len(answers)),
+                                                 atol=1e-3):
+        raise ValueError(f"{path}: answers must be probability vectors (rows >= 0, summing to 1)")
+    return answers
+
+
+def _common_metrics(victim: nn.Module, model: nn.Module, data_dir: Path | None) -> dict:
+    """Test accuracy of ``model`` and of ``victim``, and their top-1 agreement, on the
+    Fashion-MNIST test set (one forward pass per model)."""
+    test = load_fashion_mnist("test", data_dir)
+    inputs, labels = to_tensor(test.images), torch.from_numpy(test.labels)
+    predicted = predict_probs(model, inputs).argmax(1)
+    victim_predicted = predict_probs(victim, inputs).argmax(1)
+    return {
+        "test_accuracy": (predicted == labels).float().mean().item(),
+        "victim_test_accuracy": (victim_predicted == labels).float().mean().item(),
+        "agreement_with_victim": (predicted == victim_predicted).float().mean().item(),
+        "dataset": test.name,
+    }
+
+
+def _train_victim_command(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    model, metrics = train_victim(arch=args.arch, epochs=args.epochs, seed=args.seed,
+                                  lr=args.lr, data_dir=args.data_dir, progress=not args.quiet)
+    save_checkpoint(model, args.out, metrics)
+    print(f"victim {args.arch}: test accuracy {metrics['test_accuracy']:.4f} in "
+          f"{metrics['wall_time_s']} s -> {args.out}")
+    return 0
+
+
+def _train_surrogate_command(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    started = time.perf_counter()
+    victim, _ = load_checkpoint(args.victim)
+    pool = thief_pool(args.pool, args.pool_size, seed=args.pool_seed, data_dir=args.data_dir)
+    surrogate = train_surrogate(victim, pool, epochs=args.epochs,
+                                planned_epochs=args.planned_epochs, arch=args.arch,
+                                seed=args.seed, progress=not args.quiet)
+    metrics = {
+        "role": "surrogate",
+        "victim": str(args.victim),
+        "pool": args.pool,
+        "pool_size": len(pool),
+        "pool_seed": args.pool_seed,
+        "epochs": args.epochs,
+        "planned_epochs": args.planned_epochs,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        **_common_metrics(victim, surrogate, args.data_dir),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    save_checkpoint(surrogate, args.out, metrics)
+    print(f"surrogate {model_spec(surrogate)['arch']} on {args.pool}: test accuracy "
+          f"{metrics['test_accuracy']:.4f}, agreement with victim "
+          f"{metrics['agreement_with_victim']:.4f} in {metrics['wall_time_s']} s -> {args.out}")
+    return 0
+
+
+def _train_clone_command(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    started = time.perf_counter()
+    victim, _ = load_checkpoint(args.victim)
+    pool = thief_pool(args.pool, args.pool_size, seed=args.pool_seed, data_dir=args.data_dir)
+    inputs = to_tensor(pool.images)
+    if args.answers is None:
+        answers, source = predict_probs(victim, inputs), "clean victim"
+    else:
+        answers, source = _load_answers(args.answers, pool), str(args.answers)
+    arch = args.arch or model_spec(victim)["arch"]
+    clone = train_clone(inputs, answers, arch=arch, epochs=args.epochs, seed=args.seed,
+                        hard_labels=args.hard_labels, progress=not args.quiet)
+    metrics = {
+        "role": "clone",
+        "victim": str(args.victim),
+        "answers": source,
+        "pool": args.pool,
+        "pool_size": len(pool),
+        "pool_seed": args.pool_seed,
+        "hard_labels": args.hard_labels,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        **_common_metrics(victim, clone, args.data_dir),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    save_checkpoint(clone, args.out, metrics)
+    print(f"clone {arch} on {args.pool} ({source} answers): test accuracy "
+          f"{metrics['test_accuracy']:.4f}, agreement with victim "
+          f"{metrics['agreement_with_victim']:.4f} in {metrics['wall_time_s']} s -> {args.out}")
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="checkpoint to write (.pt; metadata goes to the .json beside it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_pool(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--victim", type=Path, required=True, help="victim checkpoint (.pt)")
+    parser.add_argument("--pool", choices=THIEF_POOLS, required=True, help="thief query pool")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="random subset of the pool (default: all 10,000)")
+    parser.add_argument("--pool-seed", type=int, default=0,
+                        help="seed of the --pool-size subset (must match saved answers)")
+    parser.add_argument("--arch", default=None, help="architecture (default: the victim's)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train-victim``, ``train-surrogate`` and ``train-clone`` to ``grad2``."""
+    victim = subparsers.add_parser("train-victim", help="train the Fashion-MNIST victim")
+    _add_common(victim)
+    victim.add_argument("--arch", default=VICTIM_ARCH, help=f"architecture (default {VICTIM_ARCH})")
+    victim.add_argument("--epochs", type=int, default=VICTIM_EPOCHS,
+                        help=f"epochs (default {VICTIM_EPOCHS})")
+    victim.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    victim.set_defaults(func=_train_victim_command)
+
+    surrogate = subparsers.add_parser(
+        "train-surrogate", help="distil an early-stopped surrogate from a victim on a thief pool")
+    _add_common(surrogate)
+    _add_pool(surrogate)
+    surrogate.add_argument("--epochs", type=int, default=SURROGATE_EPOCHS,
+                           help=f"epochs actually run (default {SURROGATE_EPOCHS})")
+    surrogate.add_argument("--planned-epochs", type=int, default=SURROGATE_PLANNED_EPOCHS,
+                           help="length the cosine schedule is planned for "
+                                f"(default {SURROGATE_PLANNED_EPOCHS})")
+    surrogate.set_defaults(func=_train_surrogate_command)
+
+    clone = subparsers.add_parser(
+        "train-clone", help="train a thief's clone on a victim's (or saved defended) answers")
+    _add_common(clone)
+    _add_pool(clone)
+    clone.add_argument("--answers", type=Path, default=None,
+                       help="saved answers [N, K] (tensor, or dict with 'answers') in pool "
+                            "order; default: query the clean victim")
+    clone.add_argument("--epochs", type=int, default=CLONE_EPOCHS,
+                       help=f"epochs (default {CLONE_EPOCHS})")
+    clone.add_argument("--hard-labels", action="store_true",
+                       help="train on argmax of the answers (labels-only thief)")
+    clone.set_defaults(func=_train_clone_command)
