@@ -46,7 +46,7 @@ def redirection_scores(
     params = {name: p.detach() for name, p in model.named_parameters()}
     tangents = tangent_like(params, target)
     buffers = dict(model.named_buffers())
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         return compute(model, params, buffers, tangents, x).detach()
 
 
@@ -71,13 +71,16 @@ def tangent_like(params: Mapping[str, Tensor], target: Target) -> dict[str, Tens
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, then give every submodule its own mode back (a training
+    model with frozen batch-norm stays so)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _log_probs(model: nn.Module, buffers: Mapping[str, Tensor], x: Tensor) -> Callable:

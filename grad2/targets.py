@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from grad2.scores import Target
+from grad2.scores import Target, eval_mode
 
 __all__ = ["all_ones", "check", "load", "min_ip", "misdirect", "random", "save", "watermark"]
 
@@ -47,8 +47,8 @@ def watermark(model: nn.Module, triggers: Tensor, labels: Tensor) -> dict[str, T
 
     ``triggers``: ``[W, ...]`` inputs; ``labels``: ``[W]`` class indices.
     """
-    with torch.no_grad():
-        num_classes = model.eval()(triggers[:1]).shape[-1]
+    with torch.no_grad(), eval_mode(model):
+        num_classes = model(triggers[:1]).shape[-1]
     one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).to(triggers.dtype)
     return _gradient(model, triggers, one_hot, sign=1.0)
 
@@ -62,8 +62,8 @@ def misdirect(model: nn.Module, references: Tensor, shift: int = 1) -> dict[str,
     every query pushes clones the same way (coordinated, as ``all_ones``); unlike
     ``all_ones`` the last layer contributes, so the receiving class depends on the query.
     """
-    with torch.no_grad():
-        logits = model.eval()(references)
+    with torch.no_grad(), eval_mode(model):
+        logits = model(references)
     num_classes = logits.shape[-1]
     if shift % num_classes == 0:
         raise ValueError(f"shift must not be a multiple of the class count {num_classes}")
@@ -76,17 +76,12 @@ def _gradient(model: nn.Module, x: Tensor, weights: Tensor, sign: float) -> dict
     """``sign · mean_b ∇_θ Σ_k weights_bk log s_θ(k | x_b)``, model in eval mode."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            x = x.clone() if x.is_inference() else x
-            logits = functional_call(model, (leaves, buffers), (x,))
-            log_probs = torch.log_softmax(logits, dim=-1)
-            objective = (weights.detach().to(log_probs.dtype) * log_probs).sum() / x.shape[0]
-            grads = torch.autograd.grad(objective, list(leaves.values()))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        x = x.clone() if x.is_inference() else x
+        logits = functional_call(model, (leaves, buffers), (x,))
+        log_probs = torch.log_softmax(logits, dim=-1)
+        objective = (weights.detach().to(log_probs.dtype) * log_probs).sum() / x.shape[0]
+        grads = torch.autograd.grad(objective, list(leaves.values()))
     return {name: sign * grad.detach() for name, grad in zip(leaves, grads)}
 
 
