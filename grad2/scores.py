@@ -12,6 +12,10 @@ computations are offered (they agree to numerical precision; the tests check it)
 
 The model runs in eval mode (batch-norm uses running statistics), so a row's scores
 never depend on its batch-mates. The model's own mode is restored afterwards.
+
+Bit for bit, on a CPU, that also needs MKL in strict reproducibility mode
+(``MKL_CBWR=AUTO,STRICT`` in the environment before torch's first matrix product): MKL's
+default GEMM gives a row other last bits depending on the number of rows.
 """
 
 from __future__ import annotations
@@ -43,11 +47,18 @@ def redirection_scores(
         raise RuntimeError("redirection scores need autograd: call them outside inference_mode")
     if x.is_inference():
         x = x.clone()
+    # A query alone is computed as a batch of two (itself twice): oneDNN's float32
+    # convolutions take another kernel at batch size 1, whose last bits differ, and a
+    # query's scores must not depend on whether it arrived alone or batched.
+    alone = x.shape[0] == 1
+    if alone:
+        x = torch.cat([x, x])
     params = {name: p.detach() for name, p in model.named_parameters()}
     tangents = tangent_like(params, target)
     buffers = dict(model.named_buffers())
     with eval_mode(model), torch.enable_grad():
-        return compute(model, params, buffers, tangents, x).detach()
+        scores = compute(model, params, buffers, tangents, x).detach()
+    return scores[:1] if alone else scores
 
 
 def tangent_like(params: Mapping[str, Tensor], target: Target) -> dict[str, Tensor]:
