@@ -153,10 +153,13 @@ class _Redirection(Defense):
         scores = self.scores(x, probs)
         if not self.preserve_top1:
             return redirect(probs, scores, self.epsilon)
-        # Reserve the L1 that separating ties costs, then separate.
-        reserve = 2 * TOP1_MARGIN * (probs.shape[1] - 1)
+        # Reserve the L1 that separating ties costs, then separate; a budget too small for
+        # the full margin gets a smaller one, so the answer never spends more than epsilon.
+        others = max(probs.shape[1] - 1, 1)
+        margin = min(TOP1_MARGIN, self.epsilon / (2 * others))
+        reserve = 2 * margin * others
         defended = redirect(probs, scores, max(self.epsilon - reserve, 0.0), preserve_top1=True)
-        return separate_top(defended, probs, TOP1_MARGIN)
+        return separate_top(defended, probs, margin)
 
 
 class GRAD2(_Redirection):
