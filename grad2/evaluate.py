@@ -109,7 +109,6 @@ class Sweep:
     adaptive_thieves: tuple[str, ...] = ()
     headline: dict[str, tuple[float, ...]] = field(default_factory=dict)
     headline_seeds: tuple[int, ...] = ()
-    test_size: int | None = None
 
 
 def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
@@ -138,7 +137,7 @@ def quick_sweep() -> Sweep:
     grid = full_grid((0.0, 0.5, 1.0))
     grid["rounding"] = (1.0,)
     grid["reverse_sigmoid"] = (0.7,)
-    return Sweep(grid=grid, pools=("animal",), pool_size=2000, clone_epochs=4, test_size=2000)
+    return Sweep(grid=grid, pools=("animal",), pool_size=2000, clone_epochs=4)
 
 
 def headline_sweep() -> Sweep:
@@ -158,12 +157,18 @@ def headline_sweep() -> Sweep:
 class Lab:
     """Trained models and cached answers for one evaluation folder."""
 
-    def __init__(self, folder: Path, device: str = "cpu", progress: bool = True) -> None:
+    def __init__(
+        self, folder: Path, device: str = "cpu", progress: bool = True,
+        victim_epochs: int = EVAL_VICTIM_EPOCHS, surrogate_epochs: int = SURROGATE_EPOCHS,
+        test_size: int | None = None,
+    ) -> None:
         self.folder = folder
         self.device = device
         self.progress = progress
+        self.victim_epochs, self.surrogate_epochs = victim_epochs, surrogate_epochs
         folder.mkdir(parents=True, exist_ok=True)
-        self.test = load_fashion_mnist("test")
+        test = load_fashion_mnist("test")
+        self.test = test if test_size is None else test.subset(slice(0, test_size))
         self.test_inputs = to_tensor(self.test.images)
         self.test_labels = torch.from_numpy(self.test.labels)
         self.victim = self._model("victim", self._train_victim)
@@ -185,7 +190,7 @@ class Lab:
 
     def _train_victim(self) -> nn.Module:
         model, _ = train_victim(
-            epochs=EVAL_VICTIM_EPOCHS, progress=self.progress, device=self.device
+            epochs=self.victim_epochs, progress=self.progress, device=self.device
         )
         return model
 
@@ -196,7 +201,7 @@ class Lab:
 
         def train() -> nn.Module:
             return train_surrogate(
-                self.victim, thief_pool(pool, seed=0), epochs=SURROGATE_EPOCHS,
+                self.victim, thief_pool(pool, seed=0), epochs=self.surrogate_epochs,
                 planned_epochs=SURROGATE_PLANNED_EPOCHS, seed=7, progress=self.progress,
                 device=self.device,
             )
@@ -259,7 +264,7 @@ class Lab:
 
     def answers(self, spec: DefenseSpec, pool: str, size: int | None, split: str) -> Tensor:
         """Defended answers (cached on disk) for a pool (``split="pool"``) or the test set."""
-        tag = "test" if split == "test" else f"{pool}-{size or 'all'}"
+        tag = f"test{len(self.test)}" if split == "test" else f"{pool}-{size or 'all'}"
         path = self.folder / "answers" / f"{spec.key}-{pool}-{tag}.pt"
         if path.exists():
             return torch.load(path, weights_only=True)
@@ -340,8 +345,7 @@ def run_one(
         train_inputs, train_answers, arch=arch, epochs=sweep.clone_epochs, seed=seed,
         hard_labels=thief == "labels", progress=lab.progress, device=lab.device,
     )
-    test_inputs = lab.test_inputs[: sweep.test_size]
-    labels = lab.test_labels[: sweep.test_size]
+    test_inputs, labels = lab.test_inputs, lab.test_labels
     with torch.inference_mode():
         logits = torch.cat([
             clone(test_inputs[i:i + 1000].to(lab.device)).float().cpu()
@@ -357,8 +361,7 @@ def run_one(
         effective_l1=(test_answers - lab.test_probs).abs().sum(dim=1).mean().item(),
         defender_accuracy=_accuracy(test_answers, lab.test_labels),
         clone_accuracy=(predicted == labels).float().mean().item(),
-        clone_agreement=(predicted == lab.test_probs[: sweep.test_size].argmax(1)).float()
-        .mean().item(),
+        clone_agreement=(predicted == lab.test_probs.argmax(1)).float().mean().item(),
         label_flip_rate=(defended_top != lab.test_probs.argmax(dim=1)).float().mean().item(),
         queries=queries,
         receivers=hist[1:].tolist(),
@@ -387,7 +390,7 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
 
 
 def run_key(spec: DefenseSpec, pool: str, thief: str, seed: int, sweep: Sweep) -> str:
-    setting = f"{sweep.pool_size}-{sweep.clone_epochs}-{sweep.test_size}"
+    setting = f"{sweep.pool_size}-{sweep.clone_epochs}"
     return f"{pool}|{spec.key}|{thief}|{seed}|{setting}"
 
 

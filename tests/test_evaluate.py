@@ -1,0 +1,105 @@
+"""The evaluation pipeline end to end in miniature (real data, tiny models), checking the
+invariants every sweep must keep — not the headline numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from grad2.evaluate import (
+    Lab,
+    Sweep,
+    clone_at_drop,
+    evaluate,
+    plan,
+    prior_corrected_logits,
+    receivers,
+)
+
+L1_FAMILIES = ("grad2", "grad2_top1", "grad2_misdirect", "random", "mad_argmax",
+               "control_fixed_class", "control_shuffled")
+
+
+def test_clone_at_drop_interpolates_and_takes_the_best_knob() -> None:
+    points = [(0.0, 80.0), (1.0, 70.0), (3.0, 50.0)]
+    assert clone_at_drop(points, 0.5) == pytest.approx(75.0)
+    assert clone_at_drop(points, 2.0) == pytest.approx(60.0)
+    assert clone_at_drop(points, 5.0) == pytest.approx(50.0)  # best knob within the drop
+    assert math.isnan(clone_at_drop([(1.0, 70.0), (2.0, 60.0)], 0.5))
+
+
+def test_prior_correction_is_neutral_for_a_uniform_prior_and_removes_a_bias() -> None:
+    logits = torch.randn(5, 4)
+    uniform = torch.full((10, 4), 0.25)
+    torch.testing.assert_close(prior_corrected_logits(logits, uniform), logits)
+    biased = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(10, 1)
+    corrected = prior_corrected_logits(torch.zeros(1, 4), biased)
+    assert corrected.argmin().item() == 0  # the over-represented class is pushed down
+
+
+def test_receivers_marks_unchanged_rows() -> None:
+    clean = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.25, 0.25]])
+    answers = torch.tensor([[0.4, 0.3, 0.3], [0.5, 0.25, 0.25]])
+    assert receivers(clean, answers).tolist() == [2, -1]
+
+
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory):
+    torch.set_num_threads(2)
+    folder = tmp_path_factory.mktemp("eval")
+    lab = Lab(folder / "cache", progress=False, victim_epochs=1, surrogate_epochs=1,
+              test_size=1000)
+    grid = {"none": (0.0,), "top1": (0.0,), "reverse_sigmoid": (0.7,),
+            **{family: (0.5,) for family in L1_FAMILIES}}
+    sweep = Sweep(grid=grid, pools=("animal",), pool_size=400, clone_epochs=1,
+                  adaptive={"grad2": (0.5,), "top1": (0.0,)},
+                  adaptive_thieves=("labels", "arch", "smooth", "prior"))
+    out = folder / "report"
+    results = evaluate(sweep, out, lab)
+    return lab, sweep, out, results
+
+
+def _run(results, defense, thief="soft"):
+    (run,) = [r for r in results if r.defense == defense and r.thief == thief]
+    return run
+
+
+@pytest.mark.slow
+def test_miniature_sweep_keeps_the_invariants(miniature) -> None:
+    lab, sweep, _, results = miniature
+    assert len(results) == len(plan(sweep))
+    none = _run(results, "none")
+    assert none.defender_accuracy == pytest.approx(lab.victim_accuracy)
+    assert none.effective_l1 == 0 and none.label_flip_rate == 0 and sum(none.receivers) == 0
+    for family in L1_FAMILIES:
+        run = _run(results, family)
+        assert 0 < run.effective_l1 <= 0.5 + 1e-5, family
+        assert 0 < sum(run.receivers) <= 400, family
+    for family in ("grad2_top1", "mad_argmax", "top1"):
+        assert _run(results, family).label_flip_rate == 0, family
+    fixed = _run(results, "control_fixed_class")
+    assert np.count_nonzero(fixed.receivers) == 1  # one class receives everything
+    top1 = _run(results, "top1")
+    expected_l1 = (2 * (1 - lab.test_probs.max(dim=1).values)).mean().item()
+    assert top1.effective_l1 == pytest.approx(expected_l1, abs=1e-5)
+    assert _run(results, "grad2", "smooth").queries == 400  # same budget, honestly counted
+    for run in results:
+        assert 0 <= run.clone_accuracy <= 1 and 0 <= run.clone_agreement <= 1
+
+
+@pytest.mark.slow
+def test_miniature_sweep_writes_reports_and_reuses_its_cache(miniature) -> None:
+    lab, sweep, out, results = miniature
+    for name in ("results.csv", "results.json", "table.md", "tradeoff_animal.png", "runs.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["runs"]) == len(results)
+    assert "| grad2 |" in (out / "table.md").read_text()
+    journal = (out / "runs.jsonl").read_text()
+    again = evaluate(sweep, out, lab)  # everything cached: no clone is trained again
+    assert (out / "runs.jsonl").read_text() == journal
+    assert [r.clone_accuracy for r in again] == [r.clone_accuracy for r in results]
