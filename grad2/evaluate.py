@@ -13,7 +13,8 @@ Thieves:
 - ``smooth``: several augmented copies of each image, answers averaged; the pool is cut
   so the query count stays the same as the other thieves'.
 - ``prior``: the soft clone with logit adjustment by the answers' mean class
-  distribution, removing a defense's class bias.
+  distribution, removing a defense's class bias. It is the same trained network as
+  ``soft``, evaluated differently, so every soft run reports both.
 
 Controls (is GRAD² steering gradients, or only biasing classes?): the same solver with
 random scores, GRAD²'s scores shuffled across queries, and a fixed-class push to the class
@@ -55,6 +56,13 @@ from grad2.train import (
 )
 
 THIEVES = ("soft", "labels", "arch", "smooth", "prior")
+TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")
+#: Families whose knob is an L1 budget: at 0 they all equal ``none``, which stands in.
+L1_FAMILIES = (
+    "random", "mad", "mad_argmax", "grad2", "grad2_top1", "grad2_min_ip",
+    "grad2_random_surrogate", "grad2_misdirect", "control_random_scores", "control_shuffled",
+    "control_fixed_class",
+)
 POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
 SMOOTH_COPIES = 4
@@ -93,6 +101,8 @@ class RunResult:
     queries: int
     receivers: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
+    #: The same clone after logit adjustment by the answers' mean (the ``prior`` thief).
+    prior_clone_accuracy: float | None = None
 
 
 @dataclass
@@ -141,16 +151,21 @@ def quick_sweep() -> Sweep:
 
 
 def headline_sweep() -> Sweep:
-    """The committed run: every defense at six budgets with the soft thief on both pools,
-    adaptive thieves at three budgets, three seeds on the headline points."""
-    eps = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    """The committed run, sized for a 2-core machine: every defense at three budgets with
+    the soft thief on both pools (4,000 queries, 8 clone epochs), two extra seeds on the
+    headline points, and the adaptive thieves at a few points."""
+    eps = (0.25, 0.5, 1.0)
+    grid = full_grid(eps)
+    grid["rounding"] = (1.0,)
     return Sweep(
-        grid=full_grid(eps),
-        adaptive={"none": (0.0,), "grad2": (0.2, 0.5, 1.0), "mad": (0.2, 0.5, 1.0),
-                  "reverse_sigmoid": (0.3, 0.7)},
-        adaptive_thieves=("labels", "arch", "smooth", "prior"),
-        headline={"none": (0.0,), "grad2": (0.2, 0.4, 0.6)},
+        grid=grid,
+        pool_size=4000,
+        clone_epochs=8,
+        headline={"none": (0.0,), "grad2": eps, "grad2_misdirect": eps},
         headline_seeds=(1, 2),
+        adaptive={"none": (0.0,), "grad2": (0.5, 1.0), "grad2_misdirect": (0.5,),
+                  "mad": (0.5,), "reverse_sigmoid": (0.7,)},
+        adaptive_thieves=("labels", "arch", "smooth"),
     )
 
 
@@ -351,9 +366,8 @@ def run_one(
             clone(test_inputs[i:i + 1000].to(lab.device)).float().cpu()
             for i in range(0, len(test_inputs), 1000)
         ])
-    if thief == "prior":
-        logits = prior_corrected_logits(logits, train_answers)
     predicted = logits.argmax(dim=1)
+    prior_predicted = prior_corrected_logits(logits, train_answers).argmax(dim=1)
     defended_top = test_answers.argmax(dim=1)
     hist = np.bincount(receivers(clean, answers) + 1, minlength=clean.shape[1] + 1)
     return RunResult(
@@ -366,26 +380,44 @@ def run_one(
         queries=queries,
         receivers=hist[1:].tolist(),
         wall_time_s=round(time.perf_counter() - started, 1),
+        prior_clone_accuracy=(prior_predicted == labels).float().mean().item(),
     )
 
 
+def with_prior_rows(results: list[RunResult]) -> list[RunResult]:
+    """Add the ``prior`` thief's rows, derived from the soft runs."""
+    derived = [
+        RunResult(**{**asdict(r), "thief": "prior", "clone_accuracy": r.prior_clone_accuracy})
+        for r in results if r.thief == "soft" and r.prior_clone_accuracy is not None
+    ]
+    return [r for r in results if r.thief != "prior"] + derived
+
+
 def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
-    """Every (defense, pool, thief, seed) the sweep asks for, without repeats."""
+    """Every clone the sweep needs, without repeats, most important first: the soft
+    thief over the whole grid (every pool), then extra seeds, then adaptive thieves.
+    ``prior`` needs no clone of its own (it reuses ``soft``), and an L1 family at
+    budget 0 is ``none``."""
     runs: list[tuple[DefenseSpec, str, str, int]] = []
 
     def add(grid: dict[str, tuple[float, ...]], thieves, seeds) -> None:
-        for name, knobs in grid.items():
-            for knob in knobs:
+        for thief in thieves:
+            thief = "soft" if thief == "prior" else thief
+            for seed in seeds:
                 for pool in sweep.pools:
-                    for thief in thieves:
-                        for seed in seeds:
-                            run = (DefenseSpec(name, float(knob)), pool, thief, seed)
-                            if run not in runs:
-                                runs.append(run)
+                    for name, knobs in grid.items():
+                        for knob in knobs:
+                            spec = (
+                                DefenseSpec("none", 0.0)
+                                if name in L1_FAMILIES and knob == 0
+                                else DefenseSpec(name, float(knob))
+                            )
+                            if (spec, pool, thief, seed) not in runs:
+                                runs.append((spec, pool, thief, seed))
 
     add(sweep.grid, sweep.thieves, sweep.seeds)
+    add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
-    add(sweep.headline, ("soft", "prior"), sweep.headline_seeds)
     return runs
 
 
@@ -394,18 +426,33 @@ def run_key(spec: DefenseSpec, pool: str, thief: str, seed: int, sweep: Sweep) -
     return f"{pool}|{spec.key}|{thief}|{seed}|{setting}"
 
 
-def evaluate(sweep: Sweep, out: Path, lab: Lab) -> list[RunResult]:
-    """Run everything not yet in ``out/runs.jsonl``; write CSV, JSON, plots and table."""
-    out.mkdir(parents=True, exist_ok=True)
+def read_journal(out: Path) -> dict[str, RunResult]:
+    """Finished runs recorded in ``out/runs.jsonl``, by run key."""
     journal = out / "runs.jsonl"
     done: dict[str, RunResult] = {}
     if journal.exists():
         for line in journal.read_text().splitlines():
             record = json.loads(line)
             done[record.pop("key")] = RunResult(**record)
+    return done
+
+
+#: Reports are rewritten after this many new runs, so a long sweep shows its progress.
+REPORT_EVERY = 10
+
+
+def evaluate(sweep: Sweep, out: Path, lab: Lab) -> list[RunResult]:
+    """Run everything not yet in ``out/runs.jsonl``; write CSV, JSON, plots and table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").write_text(json.dumps({
+        "victim_accuracy": lab.victim_accuracy, "test_size": len(lab.test),
+        "pool_size": sweep.pool_size, "clone_epochs": sweep.clone_epochs,
+    }))
+    journal = out / "runs.jsonl"
+    done = read_journal(out)
     todo = plan(sweep)
     bar = tqdm(todo, desc="sweep", unit="clone", disable=not lab.progress)
-    results = []
+    results, fresh = [], 0
     for spec, pool, thief, seed in bar:
         key = run_key(spec, pool, thief, seed, sweep)
         bar.set_postfix_str(f"{pool} {spec.key} {thief} s{seed}")
@@ -413,8 +460,20 @@ def evaluate(sweep: Sweep, out: Path, lab: Lab) -> list[RunResult]:
             done[key] = run_one(lab, spec, pool, thief, seed, sweep)
             with journal.open("a") as handle:
                 handle.write(json.dumps({"key": key, **asdict(done[key])}) + "\n")
+            fresh += 1
+            if fresh % REPORT_EVERY == 0:
+                write_reports(with_prior_rows([*results, done[key]]), out, lab.victim_accuracy)
         results.append(done[key])
+    results = with_prior_rows(results)
     write_reports(results, out, lab.victim_accuracy)
+    return results
+
+
+def report_only(out: Path) -> list[RunResult]:
+    """Rewrite the reports from whatever runs the journal holds (a sweep in progress)."""
+    meta = json.loads((out / "meta.json").read_text())
+    results = with_prior_rows(list(read_journal(out).values()))
+    write_reports(results, out, meta["victim_accuracy"])
     return results
 
 
@@ -434,10 +493,15 @@ def write_reports(results: list[RunResult], out: Path, victim_accuracy: float) -
 
 
 def aggregate(results: list[RunResult]) -> dict[tuple, dict[str, float]]:
-    """Mean and std over seeds for every (pool, thief, defense, knob)."""
+    """Mean and std over seeds for every (pool, thief, defense, knob); the ``none`` run
+    also stands as budget 0 of every L1 family measured with the same thief."""
     groups: dict[tuple, list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.pool, r.thief, r.defense, r.knob), []).append(r)
+    for pool, thief, family, _ in list(groups):
+        baseline = groups.get((pool, thief, "none", 0.0))
+        if family in L1_FAMILIES and baseline:
+            groups.setdefault((pool, thief, family, 0.0), baseline)
     summary = {}
     for key, runs in groups.items():
         clone = np.array([r.clone_accuracy for r in runs]) * 100
@@ -554,8 +618,13 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         sweep.clone_epochs = args.clone_epochs
     if args.pool_size:
         sweep.pool_size = args.pool_size
+    if args.report_only:
+        results = report_only(Path(args.out))
+        print((Path(args.out) / "table.md").read_text())
+        print(f"{len(results)} runs so far; reports in {args.out}")
+        return 0
     lab = Lab(Path(args.cache or cache_dir() / "eval"), device=args.device,
-              progress=not args.no_progress)
+              progress=not args.no_progress, test_size=args.test_size)
     results = evaluate(sweep, Path(args.out), lab)
     print((Path(args.out) / "table.md").read_text())
     print(f"{len(results)} runs; reports in {args.out}")
@@ -578,6 +647,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pool-size", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--test-size", type=int, help="first N test images only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the reports from the runs recorded so far")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_evaluate_command)
 

@@ -71,7 +71,11 @@ def _run(results, defense, thief="soft"):
 @pytest.mark.slow
 def test_miniature_sweep_keeps_the_invariants(miniature) -> None:
     lab, sweep, _, results = miniature
-    assert len(results) == len(plan(sweep))
+    trained = [r for r in results if r.thief != "prior"]
+    assert len(trained) == len(plan(sweep))
+    prior = _run(results, "grad2", "prior")
+    assert prior.prior_clone_accuracy == prior.clone_accuracy  # derived from the soft clone
+    assert prior.effective_l1 == _run(results, "grad2").effective_l1
     none = _run(results, "none")
     assert none.defender_accuracy == pytest.approx(lab.victim_accuracy)
     assert none.effective_l1 == 0 and none.label_flip_rate == 0 and sum(none.receivers) == 0
