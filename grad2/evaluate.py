@@ -449,7 +449,8 @@ def read_journal(out: Path) -> dict[str, RunResult]:
     if journal.exists():
         for line in journal.read_text().splitlines():
             record = json.loads(line)
-            done[record.pop("key")] = RunResult(**record)
+            key = record.pop("key")
+            done[key] = RunResult(**record)
     return done
 
 
