@@ -45,6 +45,9 @@ IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "
 MAX_IMAGES_PER_REQUEST = 64
 #: PIL mode used for each channel count.
 CHANNEL_MODES: dict[int, str] = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+#: Integer modes PIL opens 16-bit images in (PNG/TIFF ``I;16*``, PGM/PPM ``I``), scaled
+#: to 8 bits by :func:`decode_image`.
+SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 #: Content types accepted for a binary body; anything else is refused with 415.
 BINARY_CONTENT_TYPES: tuple[str, ...] = ("", "application/octet-stream", "multipart/form-data")
 
@@ -308,7 +311,7 @@ def decode_image(data: bytes, spec: InputConfig) -> torch.Tensor:
                         f"{spec.max_side}"
                     )
                 image.load()
-                converted = image.convert(CHANNEL_MODES[spec.channels])
+                converted = _to_8bit(image).convert(CHANNEL_MODES[spec.channels])
     except RequestError:
         raise
     except UnidentifiedImageError:
@@ -325,6 +328,26 @@ def decode_image(data: bytes, spec: InputConfig) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255.0)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Bring 16-bit and odd modes to a mode PIL converts faithfully: PIL's own conversion
+    of 16-bit pixels (PNG/TIFF ``I;16*``, PGM/PPM and 32-bit TIFF ``I``) to 8 bits clips
+    at 255 instead of scaling, turning a 16-bit photograph white; float images (``F``)
+    have no agreed range and PIL turns ``[0, 1]`` black, so they are refused; ``LAB``
+    converts to grayscale only through RGB."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        array = np.asarray(image)
+        if array.size and (int(array.min()) < 0 or int(array.max()) > 65535):
+            raise RequestError(415, "32-bit integer pixels beyond 0..65535 are not accepted; "
+                               "send 8- or 16-bit images")
+        return Image.fromarray(((array.astype(np.uint32) + 128) // 257).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise RequestError(415, "floating-point images are not accepted; send 8- or 16-bit "
+                           "integer images")
+    if image.mode == "LAB":
+        return image.convert("RGB")
+    return image
 
 
 def decode_tensor(values: Any, spec: InputConfig, where: str) -> torch.Tensor:
