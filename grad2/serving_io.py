@@ -320,7 +320,8 @@ def decode_image(data: bytes, spec: InputConfig) -> torch.Tensor:
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(413, "image has too many pixels") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as error:
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+            struct.error) as error:
         raise RequestError(400, f"image could not be decoded: {type(error).__name__}") from None
     if converted.size != (spec.width, spec.height):
         converted = converted.resize((spec.width, spec.height), Image.Resampling.BILINEAR)

@@ -331,6 +331,8 @@ CASES: dict[str, tuple[Callable[[], bytes], int]] = {
     "BMP header 50000x50000": (lambda: bmp_claiming(50_000, 50_000), 413),
     "WebP 1100x4 (over max_side)": (lambda: encode(noise("RGB", (1100, 4)), "WEBP"), 413),
     "PNG 0x0": (lambda: png_raw(0, 0, zlib.compress(b"")), 400),
+    # found by fuzz/fuzz_decoding.py: PIL's TIFF loader raised TypeError past decode_image
+    "TIFF with text StripOffsets": (lambda: tiff_header(1, 1, (2, b"7\x00\x00\x00")), 400),
     "0 bytes": (lambda: b"", 400),
     "PNG 1x1": (lambda: encode(noise("L", (1, 1)), "PNG"), 200),
     "truncated JPEG": (lambda: encode(noise("L", (200, 200)), "JPEG")[:600], 400),
