@@ -114,6 +114,8 @@ class Grad2Handler(BaseHandler):
             for index, response in enumerate(self._responses):
                 if response is None:
                     self._refuse(index, 503, MODEL_FAILED)
+        for index in range(len(data)):
+            self._end_grpc_stream(index)
         self._metric("HandlerTime", (time.perf_counter() - started) * 1000, "ms", versioned=False)
         return self._responses
 
@@ -226,6 +228,20 @@ class Grad2Handler(BaseHandler):
                 own, request, self.model_name, self.model_version
             )
             self._set_content_type(index)
+
+    def _end_grpc_stream(self, index: int) -> None:
+        """Mark a gRPC request's answer as the last of its stream. TorchServe 0.12's
+        frontend reads the ``ts_stream_next`` response header of a gRPC
+        ``StreamPredictions`` call without a null check, and on the exception it kills
+        and restarts the worker: one call from any inference token took the model down.
+        HTTP requests must not get the header (the frontend would then stream a chunked
+        answer that never ends); they carry string headers (TorchServe adds ``explain``
+        to every HTTP inference request), gRPC requests only one content-type mapping
+        per input field."""
+        if any(isinstance(value, str) for value in self._headers(index).values()):
+            return
+        with contextlib.suppress(AttributeError, IndexError, KeyError):
+            self.context.set_response_header(index, "ts_stream_next", "false")
 
     def _refuse(self, index: int, status: int, message: str) -> None:
         self._responses[index] = serving_io.error_body(status, message)
