@@ -1,0 +1,84 @@
+"""``grad2 bench`` in a tiny configuration: the JSON has every section, every time is > 0.
+
+No timing assertions: this only proves the benchmark runs end to end and reports sanely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from grad2 import bench, cli
+
+TINY = [
+    "bench", "--batches", "1,2", "--classes", "10,20", "--class-batch", "2",
+    "--reference-batch", "2", "--reference-classes", "10,20", "--mad-loop-queries", "1",
+    "--repeats", "2", "--warmup", "1", "--budget", "0.05",
+    "--solver-rows", "20", "--solver-classes", "10", "--solver-top1", "--resnet-batch", "1",
+    "--resnet-size", "32", "--threads", "1", "--no-progress",
+]
+
+
+def times_in(node, path=""):
+    """Every ``*_s`` number and every entry of every ``times_s`` list, with its path."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "times_s":
+                yield from ((f"{path}.{key}[{i}]", v) for i, v in enumerate(value))
+            elif key.endswith("_s") and isinstance(value, int | float):
+                yield f"{path}.{key}", value
+            else:
+                yield from times_in(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from times_in(value, f"{path}[{i}]")
+
+
+def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        assert cli.main([*TINY, "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "goals:" in printed and "victim+grad2_jvp" in printed
+
+    result = json.loads(out.read_text())
+    assert set(result) >= {"meta", "models", "per_batch", "scores", "classes", "reference",
+                           "solver", "compile", "goals"}
+    assert result["meta"]["threads"] == 1 and result["meta"]["device"] == "cpu"
+    assert result["models"]["surrogate_params"]["half"] < result["models"]["victim_params"]
+
+    names = {(r["name"], r["surrogate"]) for r in result["per_batch"]}
+    for method in ("grad2_jvp", "grad2_double_backward", "grad2_finite_difference",
+                   "grad2_jvp_top1", "mad", "mad_argmax"):
+        for size in ("same", "half"):
+            assert (f"victim+{method}", size) in names
+    assert {("victim", None), ("victim+reverse_sigmoid", None), ("victim+random", None)} <= names
+    assert {r["batch"] for r in result["per_batch"]} == {1, 2}
+    assert len(result["scores"]) == 4  # 2 batches x 2 surrogates
+    assert [c["classes"] for c in result["classes"]] == [10, 20]
+    assert all("mad_over_grad2" in c for c in result["classes"])
+    assert [r["classes"] for r in result["reference"]] == [10, 20]
+    assert all(r["max_abs_difference"] < 1e-4 for r in result["reference"])  # GRAD²s agree
+    assert all(c["mad_loop_max_abs_difference"] < 1e-4 for c in result["classes"])  # MADs too
+    assert result["solver"]["resnet18_input"] == [1, 3, 32, 32]
+    assert {g["goal"] for g in result["goals"]} == set(bench.GOALS)
+
+    found = list(times_in(result))
+    assert len(found) > 100
+    for path, value in found:
+        assert math.isfinite(value) and value > 0, path
+
+
+def test_quick_defaults_and_argument_checks():
+    parser = cli.build_parser()
+    args = bench.resolve(parser.parse_args(["bench", "--quick"]))
+    assert args.batches == [1, 32] and args.repeats == 5 and args.resnet_size == 32
+    args = bench.resolve(parser.parse_args(["bench"]))
+    assert args.batches == [1, 8, 32, 128] and args.classes == [10, 100, 1000]
+    assert (args.solver_rows, args.solver_classes, args.resnet_size) == (10_000, 1_000, 224)
+    assert cli.main(["bench", "--epsilon", "3", "--no-progress"]) == 2
