@@ -418,6 +418,11 @@ def classes_section(setup: Setup, timer: Timer, class_counts: Sequence[int], bat
             mad = MAD(surrogate, setup.epsilon)
             xm, pm = x[:mad_batch], probs[:mad_batch]
             items.append(Item("mad", lambda d=mad, xm=xm, pm=pm: d(xm, pm)))
+        else:
+            record["mad_skipped"] = (
+                f"MAD's last-layer Jacobian needs about {per_query / 2**30:.1f} GiB per query "
+                f"(limit {setup.mad_memory_bytes / 2**30:.1f} GiB, --mad-memory-gb)"
+            )
         loop_queries = min(batch, setup.mad_loop_queries)
         record["mad_loop_queries"] = loop_queries
         if loop_queries >= 1:
@@ -428,11 +433,6 @@ def classes_section(setup: Setup, timer: Timer, class_counts: Sequence[int], bat
                      - MAD(surrogate, setup.epsilon)(xl, pl)).abs().max())
             items.append(Item("mad_loop", lambda s=surrogate, xl=xl, pl=pl: mad_loop_query(
                 s, xl, pl, setup.epsilon)))
-        else:
-            record["mad_skipped"] = (
-                f"MAD's last-layer Jacobian needs about {per_query / 2**30:.1f} GiB per query "
-                f"(limit {setup.mad_memory_bytes / 2**30:.1f} GiB, --mad-memory-gb)"
-            )
         summaries = {s["name"]: s for s in timer.run(items, f"K={num_classes}")}
         record.update({
             "victim_s": summaries["victim"]["median_s"],

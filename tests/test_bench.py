@@ -61,7 +61,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
     assert {r["batch"] for r in result["per_batch"]} == {1, 2}
     assert len(result["scores"]) == 4  # 2 batches x 2 surrogates
     assert [c["classes"] for c in result["classes"]] == [10, 20]
-    assert all("mad_over_grad2" in c for c in result["classes"])
+    assert all("mad_over_grad2" in c and "mad_skipped" not in c for c in result["classes"])
     assert [r["classes"] for r in result["reference"]] == [10, 20]
     assert all(r["max_abs_difference"] < 1e-4 for r in result["reference"])  # GRAD²s agree
     assert all(c["mad_loop_max_abs_difference"] < 1e-4 for c in result["classes"])  # MADs too
@@ -72,6 +72,19 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
     assert len(found) > 100
     for path, value in found:
         assert math.isfinite(value) and value > 0, path
+
+
+def test_mad_too_big_for_the_memory_limit_is_skipped_with_a_reason(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    tiny = [a if a != "10,20" else "10" for a in TINY]
+    try:
+        assert cli.main([*tiny, "--mad-memory-gb", "0", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (record,) = json.loads(out.read_text())["classes"]
+    assert "GiB per query" in record["mad_skipped"] and "mad_s" not in record
+    assert record["mad_loop_per_query_s"] > 0  # the one-query-at-a-time MAD still runs
 
 
 def test_quick_defaults_and_argument_checks():
