@@ -563,6 +563,9 @@ def start_server(
     (workdir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
     config = write_server_config(Path(ts_config), workdir / "config.properties", host, ports)
     env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}
+    # MKL's matrix products give a row other last bits at other batch sizes unless its
+    # conditional bit-wise reproducibility is strict: needed for batch-independent answers.
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")
     env.update(
         TMPDIR=str(workdir / "tmp"),
         TEMP=str(workdir / "tmp"),
