@@ -137,6 +137,7 @@ def evaluate_watermark(
     epsilons: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0), seeds: tuple[int, ...] = (0,),
     pool: str = "animal", secret_seed: int = 2024, count: int = DEFAULT_TRIGGERS,
     clone_epochs: int | None = None, out: Path = Path("runs/watermark"),
+    pool_size: int | None = None,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
@@ -154,7 +155,7 @@ def evaluate_watermark(
     target, secret = create(surrogate, count, secret_seed)
     out.mkdir(parents=True, exist_ok=True)
     secret.save(out / "secret.npz")
-    inputs = to_tensor(thief_pool(pool, seed=0).images)
+    inputs = to_tensor(thief_pool(pool, size=pool_size, seed=0).images)
     clean = predict_probs(lab.victim, inputs)
     rows = []
     for name, model in (("victim", lab.victim),
@@ -186,7 +187,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     rows = evaluate_watermark(tuple(args.epsilons), tuple(args.seeds), args.pool,
-                              clone_epochs=args.clone_epochs, out=Path(args.out))
+                              clone_epochs=args.clone_epochs, out=Path(args.out),
+                              pool_size=args.pool_size)
     print("model            eps   defender  eff.L1  clone acc  matches  p-value")
     for row in rows:
         eps = f"{row['epsilon']:.2f}" if "epsilon" in row else "   -"
@@ -237,6 +239,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0])
     evaluate.add_argument("--pool", default="animal", choices=("animal", "fashion_heldout"))
     evaluate.add_argument("--clone-epochs", type=int)
+    evaluate.add_argument("--pool-size", type=int, help="thief queries (default: whole pool)")
     evaluate.add_argument("--out", default="runs/watermark")
     evaluate.add_argument("--threads", type=int)
     evaluate.set_defaults(func=_evaluate_command)
