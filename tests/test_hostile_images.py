@@ -376,6 +376,7 @@ def test_hostile_image_gets_a_clear_answer_in_bounded_time_and_memory(
     body = make()
     assert len(body) < MAX_REQUEST_SIZE  # a body the frontend lets through
     status, response, seconds, rss_mb = send(handler, body)
+    print(f"{case}: {status} in {1000 * seconds:.0f} ms, peak RSS +{rss_mb:.1f} MB")
     assert status == expected, (case, status, response)
     assert seconds < SECONDS_LIMIT, f"{case}: {seconds:.2f} s"
     assert rss_mb < RSS_LIMIT_MB, f"{case}: peak RSS grew by {rss_mb:.0f} MB"
