@@ -188,7 +188,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     rows = evaluate_watermark(tuple(args.epsilons), tuple(args.seeds), args.pool,
                               clone_epochs=args.clone_epochs, out=Path(args.out),
-                              pool_size=args.pool_size)
+                              pool_size=args.pool_size, count=args.triggers)
     print("model            eps   defender  eff.L1  clone acc  matches  p-value")
     for row in rows:
         eps = f"{row['epsilon']:.2f}" if "epsilon" in row else "   -"
@@ -240,6 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--pool", default="animal", choices=("animal", "fashion_heldout"))
     evaluate.add_argument("--clone-epochs", type=int)
     evaluate.add_argument("--pool-size", type=int, help="thief queries (default: whole pool)")
+    evaluate.add_argument("--triggers", type=int, default=DEFAULT_TRIGGERS)
     evaluate.add_argument("--out", default="runs/watermark")
     evaluate.add_argument("--threads", type=int)
     evaluate.set_defaults(func=_evaluate_command)
