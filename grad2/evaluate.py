@@ -110,6 +110,8 @@ class Sweep:
     """What to run. ``grid`` maps a defense family to its knob values."""
 
     grid: dict[str, tuple[float, ...]]
+    #: Run after ``grid`` on every pool: points that matter less (larger budgets, ...).
+    extra_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
     pools: tuple[str, ...] = POOLS
     thieves: tuple[str, ...] = ("soft",)
     seeds: tuple[int, ...] = (0,)
@@ -151,20 +153,22 @@ def quick_sweep() -> Sweep:
 
 
 def headline_sweep() -> Sweep:
-    """The committed run, sized for a 2-core machine shared with other work: the soft
-    thief (4,000 queries, 8 clone epochs) on both pools against every defense — the main
-    ones at three budgets, the ablations and controls at two — then two extra seeds on
-    the headline points, then the adaptive thieves at a few points."""
-    main, side = (0.25, 0.5, 1.0), (0.5, 1.0)
+    """The committed run, sized for a 2-core machine shared with other work, in order of
+    importance (each stage on both pools before the next): the soft thief (4,000
+    queries, 8 clone epochs) against every defense at budget 0.25–0.5; then budget 1.0;
+    then two extra seeds on the headline points; then the adaptive thieves."""
     grid = {
-        "none": (0.0,), "top1": (0.0,), "rounding": (1.0,), "reverse_sigmoid": (0.3, 0.7),
-        "grad2": main, "grad2_misdirect": main, "grad2_top1": main, "mad": main,
-        "random": main, "mad_argmax": side, "grad2_min_ip": side,
-        "grad2_random_surrogate": side, "control_random_scores": side,
-        "control_shuffled": side, "control_fixed_class": side,
+        "none": (0.0,), "grad2": (0.25, 0.5), "grad2_misdirect": (0.25, 0.5), "mad": (0.5,),
+        "random": (0.5,), "control_fixed_class": (0.5,), "control_shuffled": (0.5,),
+        "control_random_scores": (0.5,), "grad2_random_surrogate": (0.5,),
+        "grad2_min_ip": (0.5,), "grad2_top1": (0.5,), "mad_argmax": (0.5,),
+        "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7), "rounding": (1.0,),
     }
+    extra = {family: (1.0,) for family in ("grad2", "grad2_misdirect", "mad", "random",
+                                           "grad2_top1", "control_fixed_class")}
     return Sweep(
         grid=grid,
+        extra_grid=extra,
         pool_size=4000,
         clone_epochs=8,
         headline={"none": (0.0,), "grad2": (0.25, 0.5), "grad2_misdirect": (0.25, 0.5)},
@@ -409,18 +413,19 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
         for thief in thieves:
             thief = "soft" if thief == "prior" else thief
             for seed in seeds:
-                for pool in sweep.pools:
-                    for name, knobs in grid.items():
-                        for knob in knobs:
-                            spec = (
-                                DefenseSpec("none", 0.0)
-                                if name in L1_FAMILIES and knob == 0
-                                else DefenseSpec(name, float(knob))
-                            )
+                for name, knobs in grid.items():
+                    for knob in knobs:
+                        spec = (
+                            DefenseSpec("none", 0.0)
+                            if name in L1_FAMILIES and knob == 0
+                            else DefenseSpec(name, float(knob))
+                        )
+                        for pool in sweep.pools:
                             if (spec, pool, thief, seed) not in runs:
                                 runs.append((spec, pool, thief, seed))
 
     add(sweep.grid, sweep.thieves, sweep.seeds)
+    add(sweep.extra_grid, sweep.thieves, sweep.seeds)
     add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
     return runs
