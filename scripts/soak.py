@@ -23,14 +23,11 @@ the test session's server.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +37,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
-from PIL import Image
+
+# The integration tests' image helpers (this script also runs alone).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration_tests"))
+from ts_client import png, png_bomb
 
 OCTET = {"Content-Type": "application/octet-stream"}
 JSON = {"Content-Type": "application/json"}
@@ -59,31 +59,13 @@ class Template:
     status: int
 
 
-def png(seed: int, size: tuple[int, int] = (28, 28)) -> bytes:
-    """A random grayscale PNG."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
-
-
 def hostile_templates() -> list[Template]:
     """Bad requests mixed into the soak, each with the 4xx it must get."""
     good = png(0)
     return [
         Template("garbage", b"\x00\x01garbage" * 20, OCTET, 400),
         Template("truncated PNG", good[:60], OCTET, 400),
-        Template("bomb header", _png_claiming(60_000, 60_000), OCTET, 413),
+        Template("bomb header", png_bomb(60_000, 60_000), OCTET, 413),
         Template("bad JSON", b'{"image": ', JSON, 400),
         Template("NaN tensor", b'{"tensor": [[NaN]]}', JSON, 400),
         Template("bad base64", json.dumps({"image": "%%%"}).encode(), JSON, 400),

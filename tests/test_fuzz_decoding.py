@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import io
 import json
 import math
 import time
@@ -32,6 +31,8 @@ from test_hostile_images import (
     answer_vector,
     build_handler,
     clean_probabilities,
+    encode,
+    noise,
     write_models,
 )
 
@@ -195,14 +196,7 @@ def handler(tmp_path_factory: pytest.TempPathFactory) -> Any:
     Image.MAX_IMAGE_PIXELS = pixel_limit
 
 
-def noise_png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-GOOD = [noise_png(seed) for seed in range(4)]
+GOOD = [encode(noise(seed=seed), "PNG") for seed in range(4)]
 rows = st.one_of(
     st.sampled_from(GOOD).map(lambda image: {"body": bytearray(image)}),
     st.sampled_from(GOOD).map(lambda image: {"data": bytearray(image)}),
