@@ -209,6 +209,8 @@ def _decode_kserve_v2(body: Mapping[str, Any], spec: InputConfig) -> DecodedRequ
         raise RequestError(400, "inputs[0].data must be a non-empty list")
     if datatype == "BYTES":
         items = _flatten_strings(data)
+        if not items:
+            raise RequestError(400, "inputs[0].data of a BYTES input holds no base64 string")
         _check_count(len(items))
         pixels = torch.stack(
             [

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from test_hostile_images import (
@@ -141,6 +141,8 @@ def test_arbitrary_json_inside_each_request_form(body: Any, wrapper: str) -> Non
 
 
 @given(body=kserve_v2_bodies())
+@example(body={"inputs": [{"name": "x", "shape": [0, 1, 28, 28], "datatype": "BYTES",
+                           "data": [[]]}]})  # torch.stack([]) raised RuntimeError
 @FUZZ
 def test_kserve_v2_bodies(body: dict[str, Any]) -> None:
     harness.check_row({"body": body}, "application/json", "kserve_v2")
