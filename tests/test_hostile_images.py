@@ -128,7 +128,10 @@ def answer_vector(answer: dict[str, float], handler: Any) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     pixel_limit = Image.MAX_IMAGE_PIXELS
-    yield build_handler(write_models(tmp_path_factory.mktemp("models")))
+    warm = build_handler(write_models(tmp_path_factory.mktemp("models")))
+    # torch's first forward and JVP allocate tens of MB once; measure cases after that
+    assert send(warm, encode(noise(), "PNG"))[0] == 200
+    yield warm
     Image.MAX_IMAGE_PIXELS = pixel_limit  # the handler sets PIL's limit per process
 
 
