@@ -472,6 +472,30 @@ def _java_process(pid: int | None) -> Any:
         return None
 
 
+#: TorchServe's default request/response body limit, kept when a template names none.
+DEFAULT_BODY_LIMIT = 6_553_500
+_PROPERTY_LINE = re.compile(r"((?:\\.|[^=:\s\\])*)\s*[=:]?\s*(.*)$")
+_ODD_TRAILING_BACKSLASHES = re.compile(r"(?<!\\)(\\\\)*\\$")
+
+
+def read_java_properties(text: str) -> dict[str, str]:
+    """``key -> value`` as Java's ``Properties.load`` (which TorchServe uses) reads
+    ``text``: ``#``/``!`` comments, keys ending at ``=``, ``:`` or whitespace, backslash
+    continuations and escapes, the last occurrence of a key winning."""
+    properties: dict[str, str] = {}
+    lines = iter(text.splitlines())
+    for raw in lines:
+        line = raw.lstrip(" \t\f")
+        if not line or line[0] in "#!":
+            continue
+        while _ODD_TRAILING_BACKSLASHES.search(line):
+            line = line[:-1] + next(lines, "").lstrip(" \t\f")
+        match = _PROPERTY_LINE.match(line)
+        key, value = (re.sub(r"\\(.)", r"\1", part) for part in match.groups())
+        properties[key] = value
+    return properties
+
+
 def write_server_config(
     template: Path, destination: Path, host: str, ports: Ports
 ) -> Path:
@@ -480,13 +504,12 @@ def write_server_config(
     template = Path(template)
     if not template.is_file():
         raise FileNotFoundError(f"TorchServe config {template} not found")
-    properties: dict[str, str] = {}
-    for line in template.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            properties[key.strip()] = value.strip()
+    properties = read_java_properties(template.read_text())
+    for key in ("max_request_size", "max_response_size"):
+        properties.setdefault(key, str(DEFAULT_BODY_LIMIT))
     properties.update(
+        # TS_* environment variables must not be able to override what is forced here.
+        enable_envvars_config="false",
         inference_address=f"http://{host}:{ports.inference}",
         management_address=f"http://{host}:{ports.management}",
         metrics_address=f"http://{host}:{ports.metrics}",

@@ -128,3 +128,24 @@ def test_running_server_listens_on_loopback_only(server) -> None:
     for key in ("disable_token_authorization", "enable_model_api", "max_request_size",
                 "max_response_size", "install_py_dep_per_model"):
         assert generated[key] == shipped[key], key
+
+
+def test_generated_config_wins_over_colon_separated_and_env_overrides(tmp_path) -> None:
+    """Java also splits ``key:value`` and ``key value``: such template lines must not slip
+    a public address or the model API past ``grad2 serve``, nor may TS_* variables."""
+    template = tmp_path / "config.properties"
+    template.write_text(
+        "inference_address:http://0.0.0.0:8080/?a=b\n"
+        "enable_model_api true\n"
+        "disable_token_authorization : true\n"
+        "enable_envvars_config=true\n"
+    )
+    ports = Ports(18080, 18081, 18082, 17070, 17071)
+    written = write_server_config(template, tmp_path / "generated.properties", "127.0.0.1",
+                                  ports)
+    properties = java_properties(written.read_text())
+    assert properties["inference_address"] == "http://127.0.0.1:18080"
+    assert properties["enable_model_api"] == "false"
+    assert properties["disable_token_authorization"] == "false"
+    assert properties["enable_envvars_config"] == "false"
+    assert int(properties["max_request_size"]) <= REQUEST_SIZE_LIMIT
