@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grad2.evaluate",
     "grad2.tune",
     "grad2.watermark",
+    "grad2.target_files",
     "grad2.bench",
     "grad2.demo",
 )

@@ -98,3 +98,32 @@ def test_secret_round_trip_and_verification(tmp_path) -> None:
     assert perfect["matches"] == 12 and perfect["p_value"] == pytest.approx(0.1**12)
     wrong = verify_predictions(loaded, (loaded.labels + 1) % 10)
     assert wrong["matches"] == 0 and wrong["p_value"] == pytest.approx(1.0)
+
+
+def test_misdirect_is_the_watermark_gradient_of_the_shifted_labels() -> None:
+    surrogate = _tiny_net(4)
+    references = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        shifted = (surrogate(references).argmax(1) + 3) % 10
+    expected = targets.watermark(surrogate, references, shifted)
+    actual = targets.misdirect(surrogate, references, shift=3)
+    assert actual.keys() == expected.keys()
+    for name in actual:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple"):
+        targets.misdirect(surrogate, references, shift=10)
+
+
+def test_target_command_writes_a_file_that_loads_against_its_surrogate(tmp_path) -> None:
+    from grad2.cli import main
+    from grad2.models import build_model, save_checkpoint
+
+    surrogate = build_model("small_cnn")
+    save_checkpoint(surrogate, tmp_path / "surrogate.pt")
+    out = tmp_path / "random_target.pt"
+    assert main(["target", "random", "--surrogate", str(tmp_path / "surrogate.pt"),
+                 "--out", str(out), "--seed", "5"]) == 0
+    loaded = targets.load(out, surrogate)
+    expected = targets.random(surrogate, 5)
+    for name in expected:
+        torch.testing.assert_close(loaded[name], expected[name])
