@@ -284,8 +284,8 @@ class Lab:
     def favourite_class(self, pool: str) -> int:
         """The class GRAD² (epsilon 0.5) sends mass to most often on ``pool``."""
         answers = self.answers(DefenseSpec("grad2", 0.5), pool, None, "pool")
-        _inputs, clean = self.pool(pool, None)
-        return int(np.bincount(receivers(clean, answers), minlength=clean.shape[1]).argmax())
+        _, clean = self.pool(pool, None)
+        return most_frequent_receiver(clean, answers)
 
     def answers(self, spec: DefenseSpec, pool: str, size: int | None, split: str) -> Tensor:
         """Defended answers (cached on disk) for a pool (``split="pool"``) or the test set."""
@@ -321,6 +321,15 @@ def receivers(clean: Tensor, answers: Tensor) -> np.ndarray:
     gain = answers - clean
     moved = gain.abs().sum(dim=1) > 1e-6
     return torch.where(moved, gain.argmax(dim=1), -1).numpy()
+
+
+def most_frequent_receiver(clean: Tensor, answers: Tensor) -> int:
+    """The class that most answers sent their moved mass to (unchanged answers ignored)."""
+    moved = receivers(clean, answers)
+    moved = moved[moved >= 0]
+    if moved.size == 0:
+        raise ValueError("no answer moved any mass: there is no receiving class")
+    return int(np.bincount(moved, minlength=clean.shape[1]).argmax())
 
 
 def _accuracy(probs: Tensor, labels: Tensor) -> float:

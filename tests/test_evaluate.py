@@ -15,6 +15,7 @@ from grad2.evaluate import (
     Sweep,
     clone_at_drop,
     evaluate,
+    most_frequent_receiver,
     plan,
     prior_corrected_logits,
     receivers,
@@ -45,6 +46,15 @@ def test_receivers_marks_unchanged_rows() -> None:
     clean = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.25, 0.25]])
     answers = torch.tensor([[0.4, 0.3, 0.3], [0.5, 0.25, 0.25]])
     assert receivers(clean, answers).tolist() == [2, -1]
+
+
+def test_most_frequent_receiver_ignores_unchanged_answers() -> None:
+    clean = torch.tensor([[0.6, 0.3, 0.1]] * 4)
+    answers = torch.tensor([[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.4, 0.5, 0.1],
+                            [0.6, 0.3, 0.1]])  # the last one did not move
+    assert most_frequent_receiver(clean, answers) == 2
+    with pytest.raises(ValueError, match="no answer moved"):
+        most_frequent_receiver(clean, clean)
 
 
 @pytest.fixture(scope="module")
