@@ -19,6 +19,7 @@ rebuilds the network from the JSON and loads the weights with ``weights_only=Tru
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -151,9 +152,12 @@ def save_checkpoint(model: nn.Module, path: Path, metadata: dict[str, Any] | Non
         raise ValueError(f"checkpoint metadata needs {', '.join(missing)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    # A buffer, not a file: torch embeds a file's name, and equal weights must give equal bytes.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     weights_tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, weights_tmp)
-    metadata["weights_sha256"] = _file_sha256(weights_tmp)
+    weights_tmp.write_bytes(buffer.getvalue())
+    metadata["weights_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
     json_path = metadata_path(path)
     json_tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
     json_tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")

@@ -83,6 +83,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs), model(inputs), rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["victim.json", "victim.pt"]
+    save_checkpoint(loaded, tmp_path / "copy.pt", {})  # same weights, same bytes
+    assert (tmp_path / "copy.pt").read_bytes() == (tmp_path / "sub" / "victim.pt").read_bytes()
 
 
 def test_save_checkpoint_rejects_contradicting_metadata(tmp_path: Path) -> None:
