@@ -367,25 +367,10 @@ def _train_surrogate_command(args: argparse.Namespace) -> int:
     surrogate = train_surrogate(victim, pool, epochs=args.epochs,
                                 planned_epochs=args.planned_epochs, arch=args.arch,
                                 seed=args.seed, progress=not args.quiet)
-    metrics = {
-        "role": "surrogate",
-        "victim": str(args.victim),
-        "pool": args.pool,
-        "pool_size": len(pool),
-        "pool_seed": args.pool_seed,
-        "epochs": args.epochs,
-        "planned_epochs": args.planned_epochs,
-        "seed": args.seed,
-        "threads": torch.get_num_threads(),
-        **_common_metrics(victim, surrogate, args.data_dir),
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "cpu_time_s": round(time.process_time() - cpu_started, 1),
-    }
-    save_checkpoint(surrogate, args.out, metrics)
-    print(f"surrogate {model_spec(surrogate)['arch']} on {args.pool}: test accuracy "
-          f"{metrics['test_accuracy']:.4f}, agreement with victim "
-          f"{metrics['agreement_with_victim']:.4f} in {metrics['wall_time_s']} s -> {args.out}")
-    return 0
+    extra = {"planned_epochs": args.planned_epochs}
+    label = f"surrogate {model_spec(surrogate)['arch']} on {args.pool}"
+    return _save_pool_model("surrogate", surrogate, victim, pool, args, extra, label,
+                            started, cpu_started)
 
 
 def _train_clone_command(args: argparse.Namespace) -> int:
@@ -401,24 +386,33 @@ def _train_clone_command(args: argparse.Namespace) -> int:
     arch = args.arch or model_spec(victim)["arch"]
     clone = train_clone(inputs, answers, arch=arch, epochs=args.epochs, seed=args.seed,
                         hard_labels=args.hard_labels, progress=not args.quiet)
+    extra = {"answers": source, "hard_labels": args.hard_labels}
+    label = f"clone {arch} on {args.pool} ({source} answers)"
+    return _save_pool_model("clone", clone, victim, pool, args, extra, label,
+                            started, cpu_started)
+
+
+def _save_pool_model(
+    role: str, model: nn.Module, victim: nn.Module, pool: Dataset, args: argparse.Namespace,
+    extra: dict[str, Any], label: str, started: float, cpu_started: float,
+) -> int:
+    """Save a surrogate or clone trained on a thief pool with its metrics, and report."""
     metrics = {
-        "role": "clone",
+        "role": role,
         "victim": str(args.victim),
-        "answers": source,
         "pool": args.pool,
         "pool_size": len(pool),
         "pool_seed": args.pool_seed,
-        "hard_labels": args.hard_labels,
         "epochs": args.epochs,
         "seed": args.seed,
+        **extra,
         "threads": torch.get_num_threads(),
-        **_common_metrics(victim, clone, args.data_dir),
+        **_common_metrics(victim, model, args.data_dir),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "cpu_time_s": round(time.process_time() - cpu_started, 1),
     }
-    save_checkpoint(clone, args.out, metrics)
-    print(f"clone {arch} on {args.pool} ({source} answers): test accuracy "
-          f"{metrics['test_accuracy']:.4f}, agreement with victim "
+    save_checkpoint(model, args.out, metrics)
+    print(f"{label}: test accuracy {metrics['test_accuracy']:.4f}, agreement with victim "
           f"{metrics['agreement_with_victim']:.4f} in {metrics['wall_time_s']} s -> {args.out}")
     return 0
 

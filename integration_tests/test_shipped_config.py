@@ -8,14 +8,13 @@ a plain ``key=value`` reading would miss is seen here as TorchServe sees it."""
 from __future__ import annotations
 
 import ipaddress
-import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
 import pytest
 
-from grad2.serving import DEFAULT_TS_CONFIG, Ports, write_server_config
+from grad2.serving import DEFAULT_TS_CONFIG, Ports, read_java_properties, write_server_config
 
 pytestmark = pytest.mark.integration
 
@@ -26,20 +25,9 @@ REQUEST_SIZE_LIMIT = 16 * 2**20
 
 
 def java_properties(text: str) -> dict[str, str]:
-    """``key -> value`` as ``java.util.Properties.load`` reads ``text`` (continuation
-    lines and escapes included; unicode escapes are not needed here)."""
-    properties: dict[str, str] = {}
-    lines = iter(text.splitlines())
-    for raw in lines:
-        line = raw.lstrip(" \t\f")
-        if not line or line[0] in "#!":
-            continue
-        while re.search(r"(?<!\\)(\\\\)*\\$", line):  # odd number of trailing backslashes
-            line = line[:-1] + next(lines, "").lstrip(" \t\f")
-        match = re.match(r"((?:\\.|[^=:\s\\])*)\s*[=:]?\s*(.*)$", line)
-        key, value = match.group(1), match.group(2)
-        properties[re.sub(r"\\(.)", r"\1", key)] = re.sub(r"\\(.)", r"\1", value)
-    return properties
+    """``key -> value`` as ``java.util.Properties.load`` reads ``text`` (the product's
+    reader, checked against Java's rules by the next test)."""
+    return read_java_properties(text)
 
 
 def test_java_properties_reader() -> None:
