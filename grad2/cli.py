@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grad2.watermark",
     "grad2.target_files",
     "grad2.bench",
+    "grad2.bench_serve",
     "grad2.demo",
 )
 

@@ -631,6 +631,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         sweep.pools = tuple(args.pools)
     if args.defenses:
         sweep.grid = {k: v for k, v in sweep.grid.items() if k in args.defenses}
+        sweep.extra_grid = {k: v for k, v in sweep.extra_grid.items() if k in args.defenses}
         sweep.adaptive = {k: v for k, v in sweep.adaptive.items() if k in args.defenses}
         sweep.headline = {k: v for k, v in sweep.headline.items() if k in args.defenses}
     if args.no_adaptive:
