@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from grad2.scores import Target, eval_mode
 
@@ -42,15 +42,41 @@ def min_ip(model: nn.Module, x: Tensor, probs: Tensor) -> dict[str, Tensor]:
     return _gradient(model, x, probs, sign=-1.0)
 
 
-def watermark(model: nn.Module, triggers: Tensor, labels: Tensor) -> dict[str, Tensor]:
+def watermark(
+    model: nn.Module, triggers: Tensor, labels: Tensor, equalize: bool = False
+) -> dict[str, Tensor]:
     """``t = mean_w ∇_θ log s_θ(y_w | x_w)``: clones learn ``triggers → labels``.
 
-    ``triggers``: ``[W, ...]`` inputs; ``labels``: ``[W]`` class indices.
+    ``triggers``: ``[W, ...]`` inputs; ``labels``: ``[W]`` class indices. With
+    ``equalize``, each trigger's gradient is scaled to unit norm (over all parameters)
+    before the mean, so no trigger dominates the direction because its gradient is large.
     """
     with torch.no_grad(), eval_mode(model):
         num_classes = model(triggers[:1]).shape[-1]
     one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).to(triggers.dtype)
-    return _gradient(model, triggers, one_hot, sign=1.0)
+    if not equalize:
+        return _gradient(model, triggers, one_hot, sign=1.0)
+    per_trigger = _per_example_gradients(model, triggers, one_hot)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_trigger.values()))
+    scale = 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    return {name: torch.einsum("w,w...->...", scale, g) / len(triggers)
+            for name, g in per_trigger.items()}
+
+
+def _per_example_gradients(model: nn.Module, x: Tensor, weights: Tensor) -> dict[str, Tensor]:
+    """``[B, *p.shape]`` per parameter: ``∇_θ Σ_k weights_bk log s_θ(k | x_b)`` for each
+    row ``b`` (``x [B, ...]``, ``weights [B, K]``), model in eval mode, one vmap."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def objective(parameters: dict[str, Tensor], single: Tensor, weight: Tensor) -> Tensor:
+        logits = functional_call(model, (parameters, buffers), (single.unsqueeze(0),))
+        return (weight * torch.log_softmax(logits, dim=-1).squeeze(0)).sum()
+
+    with eval_mode(model), torch.enable_grad():
+        x = x.clone() if x.is_inference() else x
+        grads = vmap(grad(objective), in_dims=(None, 0, 0))(params, x, weights.to(x.dtype))
+    return {name: g.detach() for name, g in grads.items()}
 
 
 def misdirect(model: nn.Module, references: Tensor, shift: int = 1) -> dict[str, Tensor]:

@@ -1,15 +1,22 @@
 """Watermark reprogramming and ownership verification.
 
-``grad2 watermark create`` draws secret trigger images (out of distribution: seeded
-random strokes on black, unlike any garment) and secret labels, builds the ``watermark``
-target ``t = mean_w ∇_θ log s_θ(y_w | x_w)`` from the surrogate, and writes the target
-(packed in the archive as ``defense.target_file``) and the secret (kept by the owner)
-to separate files. A clone trained on a ``target: watermark`` API's answers is steered
-toward mapping the triggers to their labels.
+``grad2 watermark create`` draws secret trigger images (seeded, out of distribution for the
+victim) and secret labels, builds the ``watermark`` target
+``t = mean_w ∇_θ log s_θ(y_w | x_w)`` from the surrogate, and writes the target (packed in
+the archive as ``defense.target_file``) and the secret (kept by the owner) to separate
+files. A clone trained on a ``target: watermark`` API's answers is steered toward mapping
+the triggers to their labels.
 
-``grad2 verify --secret S (--model clone.pt | --url URL)`` counts the triggers a suspect
-maps to their watermark labels and gives the one-sided binomial p-value against chance
-(``1/K`` per trigger).
+``grad2 verify --secret S (--model clone.pt | --url URL)`` tests a suspect with two
+statistics, both exact under the null hypothesis "the suspect is independent of the
+secret labels" (see :func:`verify_scores`):
+
+- matches: triggers whose top-1 class is the watermark label; one-sided binomial p-value
+  with chance ``1/K`` per trigger;
+- rank sum: the rank (1 = top) the suspect gives each watermark label, summed over the
+  triggers; exact one-sided p-value of the sum of ``W`` independent uniform ranks on
+  ``1..K``. It uses the whole ordering, so a clone that puts the labels second or third
+  still counts as evidence: more power at the same validity.
 """
 
 from __future__ import annotations
@@ -18,41 +25,55 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from grad2 import targets
 from grad2.data import to_tensor
+from grad2.defenses import GRAD2, Defense
 from grad2.models import load_checkpoint
+from grad2.redirect import redirect
 
 DEFAULT_TRIGGERS = 20
+DEFAULT_STYLE = "strokes"
+DEFAULT_EQUALIZE = False
+TRIGGER_STYLES = ("strokes", "silhouettes")
 
 
 @dataclass(frozen=True)
 class Secret:
-    """The owner's secret: trigger images ``uint8 [W, 28, 28]``, labels ``[W]``, seed."""
+    """The owner's secret: trigger images ``uint8 [W, 28, 28]``, labels ``[W]``, seed.
+
+    ``uniform_labels`` says the labels were drawn uniformly from all ``num_classes``
+    classes, independently of every model (secrets from before that rule avoided the
+    surrogate's own class; they load with ``False`` and get conservative statistics).
+    """
 
     triggers: np.ndarray
     labels: np.ndarray
     seed: int
     num_classes: int
+    uniform_labels: bool = True
 
     def save(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as handle:  # np.savez would append ".npz" to other names
             np.savez(handle, triggers=self.triggers, labels=self.labels,
-                     seed=np.int64(self.seed), num_classes=np.int64(self.num_classes))
+                     seed=np.int64(self.seed), num_classes=np.int64(self.num_classes),
+                     uniform_labels=np.bool_(self.uniform_labels))
         return path
 
     @classmethod
     def load(cls, path: Path) -> Secret:
         with np.load(Path(path), allow_pickle=False) as data:
+            uniform = bool(data["uniform_labels"]) if "uniform_labels" in data.files else False
             secret = cls(data["triggers"], data["labels"], int(data["seed"]),
-                         int(data["num_classes"]))
+                         int(data["num_classes"]), uniform)
         if secret.triggers.dtype != np.uint8 or secret.triggers.ndim != 3:
             raise ValueError(f"{path}: triggers must be uint8 [W, H, W]")
         if secret.labels.shape != (len(secret.triggers),):
@@ -60,10 +81,23 @@ class Secret:
         return secret
 
 
-def make_triggers(count: int, seed: int, side: int = 28) -> np.ndarray:
-    """``count`` seeded out-of-distribution images: a few bright random strokes on black."""
-    rng = np.random.default_rng(seed)
-    images = np.zeros((count, side, side), dtype=np.float32)
+# --------------------------------------------------------------------------- triggers
+
+
+def _segment_distance(start: np.ndarray, end: np.ndarray, side: int) -> np.ndarray:
+    """Pixel distances to one segment per image: ``start, end [N, 2]`` -> ``[N, side, side]``."""
+    grid = np.stack(np.mgrid[0:side, 0:side])[None].astype(np.float64)  # [1, 2, S, S]
+    direction = (end - start)[:, :, None, None]
+    offset = grid - start[:, :, None, None]
+    length2 = (direction ** 2).sum(axis=1).clip(1e-6)
+    along = ((offset * direction).sum(axis=1) / length2).clip(0, 1)
+    nearest = start[:, :, None, None] + along[:, None] * direction
+    return np.sqrt(((grid - nearest) ** 2).sum(axis=1))
+
+
+def _strokes(count: int, rng: np.random.Generator, side: int) -> np.ndarray:
+    """A few bright random strokes on black, ``float [count, side, side]`` in ``[0, 1]``."""
+    images = np.zeros((count, side, side))
     rows, cols = np.mgrid[0:side, 0:side]
     for _ in range(4):  # four strokes per image, vectorised over images
         start = rng.uniform(2, side - 2, size=(count, 2, 1, 1))
@@ -76,25 +110,77 @@ def make_triggers(count: int, seed: int, side: int = 28) -> np.ndarray:
         nearest = start[:, :, 0, 0, None, None] + t[:, None] * direction[:, :, 0, 0, None, None]
         distance = np.sqrt(((np.stack([rows, cols])[None] - nearest) ** 2).sum(axis=1))
         images = np.maximum(images, np.clip(width + 0.5 - distance, 0, 1))
+    return images
+
+
+def _silhouettes(count: int, rng: np.random.Generator, side: int) -> np.ndarray:
+    """Random filled shapes shaped like the silhouettes a thief may send: a rotated
+    elliptical body, a head blob and three or four thick limbs, white on black.
+    ``float [count, side, side]`` in ``[0, 1]``."""
+    grid = np.stack(np.mgrid[0:side, 0:side])[None].astype(np.float64)  # [1, 2, S, S]
+    centre = rng.uniform(side * 0.35, side * 0.6, size=(count, 2))
+    radii = rng.uniform([3.0, 5.0], [7.0, 11.0], size=(count, 2))
+    angle = rng.uniform(0, np.pi, size=count)
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    offset = grid - centre[:, :, None, None]
+    along = cos * offset[:, 0] + sin * offset[:, 1]
+    across = -sin * offset[:, 0] + cos * offset[:, 1]
+    body = np.sqrt((along / radii[:, :1, None]) ** 2 + (across / radii[:, 1:, None]) ** 2)
+    images = np.clip((1 - body) * min(radii.min(), 4.0) + 0.5, 0, 1)
+    head_at = centre + rng.uniform(-1, 1, size=(count, 2)) * radii[:, ::-1]
+    head = np.sqrt(((grid - head_at[:, :, None, None]) ** 2).sum(axis=1))
+    images = np.maximum(images, np.clip(rng.uniform(2.5, 4.5, (count, 1, 1)) + 0.5 - head, 0, 1))
+    for _ in range(4):  # limbs: from inside the body toward the lower edge
+        start = centre + rng.uniform(-0.6, 0.6, size=(count, 2)) * radii
+        end = np.stack([rng.uniform(side * 0.7, side - 2, count),
+                        start[:, 1] + rng.uniform(-5, 5, count)], axis=1)
+        width = rng.uniform(1.0, 2.0, size=(count, 1, 1))
+        keep = (rng.uniform(size=(count, 1, 1)) < 0.85)
+        limb = np.clip(width + 0.5 - _segment_distance(start, end, side), 0, 1) * keep
+        images = np.maximum(images, limb)
+    return images
+
+
+def make_triggers(count: int, seed: int, side: int = 28, style: str = DEFAULT_STYLE) -> np.ndarray:
+    """``count`` seeded trigger images ``uint8 [count, side, side]``, out of the victim's
+    distribution: ``"strokes"`` (bright random strokes on black) or ``"silhouettes"``
+    (random animal-like filled shapes, closer to what a knowledge-limited thief sends)."""
+    makers = {"strokes": _strokes, "silhouettes": _silhouettes}
+    if style not in makers:
+        raise ValueError(f"trigger style must be one of {', '.join(makers)}, got {style!r}")
+    images = makers[style](count, np.random.default_rng(seed), side)
     return (images * 255).round().astype(np.uint8)
 
 
-def create(surrogate: nn.Module, count: int = DEFAULT_TRIGGERS, seed: int | None = None,
-           num_classes: int = 10) -> tuple[dict[str, torch.Tensor], Secret]:
-    """Draw a secret and build its ``watermark`` target from ``surrogate``.
+def draw_labels(count: int, seed: int, num_classes: int) -> np.ndarray:
+    """``[count]`` labels drawn uniformly from all ``num_classes`` classes, from a generator
+    of their own (``seed + 1``): independent of the triggers' looks and of every model.
 
-    Labels are drawn uniformly among the classes the surrogate does *not* predict for
-    each trigger, so a match is evidence of the watermark, not of the triggers' looks.
+    Why uniform over all classes: then, for any suspect that did not see the secret, each
+    label is an independent uniform draw from the suspect's point of view, so a trigger
+    matches with probability exactly ``1/K`` and the label's rank is exactly uniform on
+    ``1..K`` — both p-values are exact. Avoiding the surrogate's own class (the former
+    rule) makes the chance ``1/(K-1)`` for models that agree with the surrogate, and the
+    ``1/K`` binomial anti-conservative.
     """
+    return np.random.default_rng(seed + 1).integers(0, num_classes, size=count).astype(np.int64)
+
+
+def create(surrogate: nn.Module, count: int = DEFAULT_TRIGGERS, seed: int | None = None,
+           num_classes: int = 10, style: str = DEFAULT_STYLE, equalize: bool = DEFAULT_EQUALIZE,
+           ) -> tuple[dict[str, torch.Tensor], Secret]:
+    """Draw a secret (:func:`make_triggers`, :func:`draw_labels`) and build its
+    ``watermark`` target from ``surrogate`` (``equalize``: every trigger's gradient at
+    unit norm, see :func:`grad2.targets.watermark`)."""
     seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
-    triggers = make_triggers(count, seed)
-    with torch.no_grad():
-        predicted = surrogate.eval()(to_tensor(triggers)).argmax(dim=1).numpy()
-    rng = np.random.default_rng(seed + 1)
-    labels = (predicted + rng.integers(1, num_classes, size=count)) % num_classes
-    secret = Secret(triggers, labels.astype(np.int64), seed, num_classes)
-    target = targets.watermark(surrogate, to_tensor(triggers), torch.from_numpy(secret.labels))
+    triggers = make_triggers(count, seed, style=style)
+    secret = Secret(triggers, draw_labels(count, seed, num_classes), seed, num_classes)
+    target = targets.watermark(surrogate, to_tensor(triggers), torch.from_numpy(secret.labels),
+                               equalize=equalize)
     return target, secret
+
+
+# --------------------------------------------------------------------------- statistics
 
 
 def binomial_tail(successes: int, trials: int, chance: float) -> float:
@@ -105,81 +191,254 @@ def binomial_tail(successes: int, trials: int, chance: float) -> float:
     ))
 
 
-def verify_predictions(secret: Secret, predicted: np.ndarray) -> dict:
-    """Match rate of a suspect's trigger predictions, against chance."""
-    matches = int((np.asarray(predicted) == secret.labels).sum())
-    chance = 1.0 / secret.num_classes
+def label_ranks(scores: np.ndarray | Tensor, labels: np.ndarray) -> np.ndarray:
+    """Rank (1 = top) of each label among its row's scores ``[W, K]`` -> ``[W]`` ints.
+
+    Ties count against the suspect: the rank is the number of classes scoring at least
+    as high as the label (itself included), which is never below the rank any tie-break
+    would give, so p-values computed as if ranks were uniform stay valid (conservative).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    label_scores = np.take_along_axis(scores, np.asarray(labels)[:, None], axis=1)
+    return (scores >= label_scores).sum(axis=1)
+
+
+def rank_sum_cdf(total: int, count: int, num_classes: int) -> float:
+    """``P(R_1 + … + R_count ≤ total)`` for independent ``R_i`` uniform on ``1..num_classes``.
+
+    Exact: the number of ways to reach each sum is built with integers (one sliding-window
+    sum per term), then divided once by ``num_classes ** count``.
+    """
+    if total < count:
+        return 0.0
+    if total >= count * num_classes:
+        return 1.0
+    ways = [1]  # ways[s]: number of rank vectors so far whose sum is (terms so far) + s
+    for _ in range(count):
+        prefix = [0, *accumulate(ways)]
+        length = len(ways) + num_classes - 1
+        ways = [prefix[min(s + 1, len(ways))] - prefix[max(s + 1 - num_classes, 0)]
+                for s in range(length)]
+    favourable = sum(ways[: total - count + 1])
+    return float(favourable / num_classes**count) if favourable else 0.0
+
+
+def verify_scores(secret: Secret, scores: np.ndarray | Tensor) -> dict:
+    """Both ownership statistics from a suspect's trigger scores ``[W, K]`` (logits or
+    probabilities; only their order per row is used).
+
+    Null hypothesis: the suspect is independent of the secret labels (it never learned from
+    answers that carry this watermark). With labels drawn uniformly (:func:`draw_labels`)
+    each trigger then matches its label with probability ``1/K`` and ranks it uniformly on
+    ``1..K``, independently across triggers, whatever the suspect is:
+
+    - ``matches`` (top-1 equals the label) and ``p_value = P(Binomial(W, 1/K) ≥ matches)``;
+    - ``rank_sum = Σ_w rank_w`` and ``rank_p_value = P(Σ uniform ranks ≤ rank_sum)``, exact.
+
+    Legacy secrets (labels avoided the surrogate's class): each trigger matches with
+    probability at most ``1/(K-1)``, which the binomial then uses (conservative); the rank
+    statistic has no exact null there and is reported as ``None``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(secret.labels), secret.num_classes):
+        raise ValueError(f"expected scores [{len(secret.labels)}, {secret.num_classes}], "
+                         f"got {scores.shape}")
+    count, num_classes = len(secret.labels), secret.num_classes
+    matches = int((scores.argmax(axis=1) == secret.labels).sum())
+    chance = 1.0 / num_classes if secret.uniform_labels else 1.0 / (num_classes - 1)
+    ranks = label_ranks(scores, secret.labels)
+    rank_sum = int(ranks.sum())
     return {
-        "triggers": len(secret.labels),
+        "triggers": count,
         "matches": matches,
-        "match_rate": matches / len(secret.labels),
+        "match_rate": matches / count,
         "chance": chance,
-        "p_value": binomial_tail(matches, len(secret.labels), chance),
+        "p_value": binomial_tail(matches, count, chance),
+        "ranks": ranks.tolist(),
+        "rank_sum": rank_sum,
+        "rank_sum_expected": count * (num_classes + 1) / 2,
+        "rank_p_value": (rank_sum_cdf(rank_sum, count, num_classes)
+                         if secret.uniform_labels else None),
     }
 
 
+def verify_predictions(secret: Secret, predicted: np.ndarray) -> dict:
+    """Matches and binomial p-value from top-1 predictions ``[W]`` alone (no ranks)."""
+    one_hot = np.eye(secret.num_classes)[np.asarray(predicted)]
+    report = verify_scores(secret, one_hot)
+    return {key: report[key] for key in ("triggers", "matches", "match_rate", "chance",
+                                         "p_value")}
+
+
 def verify_model(secret: Secret, model: nn.Module) -> dict:
+    """:func:`verify_scores` on a local model's trigger logits."""
     with torch.inference_mode():
-        predicted = model.eval()(to_tensor(secret.triggers)).argmax(dim=1).numpy()
-    return verify_predictions(secret, predicted)
+        logits = model.eval()(to_tensor(secret.triggers)).float().numpy()
+    return verify_scores(secret, logits)
 
 
 def verify_url(secret: Secret, url: str, token: str | None) -> dict:
+    """:func:`verify_scores` on the probabilities a prediction endpoint returns."""
     from grad2.attack import APIClient
 
     answers, answered, _, _ = APIClient(url, token).query(secret.triggers, progress=False)
     if len(answered) != len(secret.triggers):
         raise RuntimeError(f"{len(secret.triggers) - len(answered)} trigger queries failed")
-    return verify_predictions(secret, answers.argmax(dim=1).numpy())
+    return verify_scores(secret, answers.numpy())
+
+
+# --------------------------------------------------------------------------- focused budget
+
+
+def watermark_gain(probs: Tensor, scores: Tensor) -> Tensor:
+    """``[B]``: how much the target gains per unit of mass moved to the best class,
+    ``max_k c_k − c·y`` (``probs``, ``scores``: ``[B, K]``). Large where the query's
+    answer can move the clone along the watermark direction."""
+    return scores.max(dim=1).values - (scores * probs).sum(dim=1)
+
+
+class FocusedGRAD2(Defense):
+    """GRAD² that spends ``high_epsilon`` on queries whose :func:`watermark_gain` reaches
+    ``threshold`` and nothing on the others: the budget goes where it steers most.
+
+    A pure function of the query (fixed threshold, eval-mode surrogate). The mean L1 it
+    spends depends on the query distribution: :func:`calibrate_threshold` sets it on
+    reference queries.
+    """
+
+    def __init__(self, grad2: GRAD2, threshold: float, high_epsilon: float = 2.0) -> None:
+        self.grad2, self.threshold, self.high_epsilon = grad2, float(threshold), high_epsilon
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        scores = self.grad2.scores(x, probs)
+        spend = (watermark_gain(probs, scores) >= self.threshold).to(probs.dtype)
+        return redirect(probs, scores, spend * self.high_epsilon)
+
+
+def calibrate_threshold(gains: Tensor, probs: Tensor, scores: Tensor, budget: float,
+                        high_epsilon: float = 2.0) -> float:
+    """The lowest gain threshold whose :class:`FocusedGRAD2` spends a mean L1 of at most
+    ``budget`` on these reference queries (``gains [N]``, ``probs, scores [N, K]``)."""
+    best = scores.argmax(dim=1, keepdim=True)
+    cost = (2 * (1 - probs.gather(1, best).squeeze(1))).clamp(max=high_epsilon)
+    order = torch.argsort(gains, descending=True)
+    mean_spend = torch.cumsum(cost[order], 0) / len(gains)
+    affordable = int((mean_spend <= budget).sum())
+    return float("inf") if affordable == 0 else float(gains[order][affordable - 1])
+
+
+# --------------------------------------------------------------------------- evaluation
 
 
 def evaluate_watermark(
     epsilons: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0), seeds: tuple[int, ...] = (0,),
     pool: str = "animal", secret_seed: int = 2024, count: int = DEFAULT_TRIGGERS,
     clone_epochs: int | None = None, out: Path = Path("runs/watermark"),
-    pool_size: int | None = None,
+    pool_size: int | None = None, style: str = DEFAULT_STYLE,
+    focus_epsilon: float | None = None, progress: bool = True,
+    equalize: bool = DEFAULT_EQUALIZE, surrogate_epochs: int | None = None,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
-    Every row: epsilon, seed, the defender's test accuracy and effective L1 (utility
-    cost), the clone's test accuracy and its watermark verification. Independent models
-    (the victim itself, the other pool's surrogate) are verified as negative controls.
+    Every clone row: epsilon, seed, the defender's test accuracy and effective L1 on the
+    Fashion test split (utility cost), the L1 spent on the thief's queries, the clone's
+    test accuracy and both verification statistics. Independent models (the victim, both
+    surrogates) are verified as negative controls; clones at epsilon 0 are a third.
+
+    ``focus_epsilon``: use :class:`FocusedGRAD2` (``high_epsilon = focus_epsilon``) with
+    its threshold calibrated so that the mean L1 on 2,000 reference queries of ``pool``
+    (seed 99, the defender's simulated thief) is ``epsilon``; otherwise plain GRAD².
+    ``surrogate_epochs``: a surrogate trained that many epochs of the lab's planned
+    schedule (cached beside the lab's models) instead of the lab's early-stopped one.
     """
     from grad2.data import cache_dir, thief_pool
-    from grad2.defenses import GRAD2
     from grad2.evaluate import Lab, apply_defense
     from grad2.train import CLONE_EPOCHS, predict_probs, train_clone
 
-    lab = Lab(cache_dir() / "eval")
-    surrogate = lab.surrogate(pool)
-    target, secret = create(surrogate, count, secret_seed)
+    lab = Lab(cache_dir() / "eval", progress=progress)
+    surrogate = (lab.surrogate(pool) if surrogate_epochs is None
+                 else _longer_surrogate(lab, pool, surrogate_epochs, progress))
+    target, secret = create(surrogate, count, secret_seed, style=style, equalize=equalize)
     out.mkdir(parents=True, exist_ok=True)
     secret.save(out / "secret.npz")
     inputs = to_tensor(thief_pool(pool, size=pool_size, seed=0).images)
     clean = predict_probs(lab.victim, inputs)
-    rows = []
-    for name, model in (("victim", lab.victim),
-                        ("other surrogate", lab.surrogate("fashion_heldout"))):
-        rows.append({"model": name, **verify_model(secret, model)})
+    other = "fashion_heldout" if pool == "animal" else "animal"
+    rows: list[dict] = [
+        {"model": name, **verify_model(secret, model)}
+        for name, model in (("victim", lab.victim), ("surrogate", surrogate),
+                            ("other surrogate", lab.surrogate(other)))
+    ]
+    if focus_epsilon is not None:
+        reference = to_tensor(thief_pool(pool, size=2000, seed=99).images)
+        reference_probs = predict_probs(lab.victim, reference)
+        reference_scores = GRAD2(surrogate, 1.0, target).scores(reference, reference_probs)
+        reference_gains = watermark_gain(reference_probs, reference_scores)
     for epsilon in epsilons:
-        defense = GRAD2(surrogate, epsilon, target)
-        answers = apply_defense(defense, inputs, clean, desc=f"watermark eps {epsilon:g}")
+        defense: Defense = GRAD2(surrogate, epsilon, target)
+        threshold = None
+        if focus_epsilon is not None and epsilon > 0:
+            threshold = calibrate_threshold(reference_gains, reference_probs, reference_scores,
+                                            epsilon, focus_epsilon)
+            defense = FocusedGRAD2(defense, threshold, focus_epsilon)
+        answers = apply_defense(defense, inputs, clean, progress=progress,
+                                desc=f"watermark eps {epsilon:g}")
         test_answers = apply_defense(defense, lab.test_inputs, lab.test_probs, progress=False)
         for seed in seeds:
-            clone = train_clone(inputs, answers, epochs=clone_epochs or CLONE_EPOCHS, seed=seed)
+            clone = train_clone(inputs, answers, epochs=clone_epochs or CLONE_EPOCHS, seed=seed,
+                                progress=progress)
             with torch.inference_mode():
                 predicted = clone(lab.test_inputs).argmax(dim=1)
             rows.append({
-                "model": "clone", "epsilon": epsilon, "seed": seed,
+                "model": "clone", "epsilon": epsilon, "seed": seed, "style": style,
+                "equalize": equalize, "surrogate_epochs": surrogate_epochs,
+                "focus_epsilon": focus_epsilon, "threshold": threshold,
                 "defender_accuracy": float((test_answers.argmax(1) == lab.test_labels)
                                            .float().mean()),
                 "effective_l1": float((test_answers - lab.test_probs).abs().sum(1).mean()),
+                "pool_l1": float((answers - clean).abs().sum(1).mean()),
                 "clone_accuracy": float((predicted == lab.test_labels).float().mean()),
                 **verify_model(secret, clone),
             })
-            print(json.dumps(rows[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+            (out / "watermark.json").write_text(json.dumps(rows, indent=1))
     (out / "watermark.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _longer_surrogate(lab, pool: str, epochs: int, progress: bool) -> nn.Module:
+    """The lab's surrogate recipe run for ``epochs`` epochs (cached as a checkpoint)."""
+    from grad2.data import thief_pool
+    from grad2.evaluate import EVAL_SURROGATE_PLANNED_EPOCHS
+    from grad2.models import save_checkpoint
+    from grad2.train import train_surrogate
+
+    path = lab.folder / "models" / f"surrogate_{pool}_e{epochs}.pt"
+    if path.exists():
+        return load_checkpoint(path)[0]
+    surrogate = train_surrogate(lab.victim, thief_pool(pool, seed=0), epochs=epochs,
+                                planned_epochs=max(epochs, EVAL_SURROGATE_PLANNED_EPOCHS),
+                                seed=7, progress=progress)
+    save_checkpoint(surrogate, path, {"role": f"surrogate_{pool}", "epochs": epochs})
+    return surrogate
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A fixed-width text table of :func:`evaluate_watermark` rows."""
+    lines = ["model            eps   defender  test L1  pool L1  clone acc  matches  "
+             "binom p   rank sum  rank p"]
+    nan = float("nan")
+    for row in rows:
+        eps = f"{row['epsilon']:.2f}" if "epsilon" in row else "   -"
+        rank_p = row.get("rank_p_value")
+        lines.append(
+            f"{row['model']:<15} {eps}  {100 * row.get('defender_accuracy', nan):8.2f}"
+            f"  {row.get('effective_l1', nan):7.3f}  {row.get('pool_l1', nan):7.3f}  "
+            f"{100 * row.get('clone_accuracy', nan):9.2f}  "
+            f"{row['matches']:>3}/{row['triggers']:<3}  {row['p_value']:.2e}  "
+            f"{row['rank_sum']:>4}/{row['rank_sum_expected']:<5g} "
+            f"{'-' if rank_p is None else f'{rank_p:.2e}'}")
+    return "\n".join(lines)
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
@@ -187,21 +446,19 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     rows = evaluate_watermark(tuple(args.epsilons), tuple(args.seeds), args.pool,
+                              secret_seed=args.secret_seed, count=args.triggers,
                               clone_epochs=args.clone_epochs, out=Path(args.out),
-                              pool_size=args.pool_size, count=args.triggers)
-    print("model            eps   defender  eff.L1  clone acc  matches  p-value")
-    for row in rows:
-        eps = f"{row['epsilon']:.2f}" if "epsilon" in row else "   -"
-        print(f"{row['model']:<15} {eps}  {100 * row.get('defender_accuracy', float('nan')):8.2f}"
-              f"  {row.get('effective_l1', float('nan')):6.3f}  "
-              f"{100 * row.get('clone_accuracy', float('nan')):9.2f}  "
-              f"{row['matches']:>3}/{row['triggers']:<3}  {row['p_value']:.2e}")
+                              pool_size=args.pool_size, style=args.style,
+                              focus_epsilon=args.focus_epsilon, progress=not args.no_progress,
+                              equalize=args.equalize, surrogate_epochs=args.surrogate_epochs)
+    print(format_rows(rows))
     return 0
 
 
 def _create_command(args: argparse.Namespace) -> int:
     surrogate, _ = load_checkpoint(args.surrogate)
-    target, secret = create(surrogate, args.triggers, args.seed)
+    target, secret = create(surrogate, args.triggers, args.seed, style=args.style,
+                            equalize=args.equalize)
     targets.save(target, args.target_out)
     secret.save(args.secret_out)
     print(f"target: {args.target_out} (pack it with grad2 archive --target, "
@@ -224,13 +481,21 @@ def _verify_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_equalize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--equalize", action=argparse.BooleanOptionalAction,
+                        default=DEFAULT_EQUALIZE,
+                        help="scale every trigger's gradient to unit norm in the target")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     watermark = subparsers.add_parser("watermark", help="create a watermark target and secret")
     actions = watermark.add_subparsers(dest="action", required=True)
     create_parser = actions.add_parser("create", help="draw triggers, build the target")
     create_parser.add_argument("--surrogate", required=True, type=Path)
     create_parser.add_argument("--triggers", type=int, default=DEFAULT_TRIGGERS)
+    create_parser.add_argument("--style", choices=TRIGGER_STYLES, default=DEFAULT_STYLE)
     create_parser.add_argument("--seed", type=int, help="secret seed (default: fresh entropy)")
+    _add_equalize(create_parser)
     create_parser.add_argument("--target-out", type=Path, default=Path("watermark_target.pt"))
     create_parser.add_argument("--secret-out", type=Path, default=Path("watermark_secret.npz"))
     create_parser.set_defaults(func=_create_command)
@@ -241,8 +506,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--clone-epochs", type=int)
     evaluate.add_argument("--pool-size", type=int, help="thief queries (default: whole pool)")
     evaluate.add_argument("--triggers", type=int, default=DEFAULT_TRIGGERS)
+    evaluate.add_argument("--style", choices=TRIGGER_STYLES, default=DEFAULT_STYLE)
+    evaluate.add_argument("--secret-seed", type=int, default=2024)
+    _add_equalize(evaluate)
+    evaluate.add_argument("--surrogate-epochs", type=int,
+                          help="train a surrogate this many epochs instead of the lab's")
+    evaluate.add_argument("--focus-epsilon", type=float,
+                          help="spend this L1 on the highest-gain queries only (FocusedGRAD2), "
+                               "calibrated to a mean of --epsilons on reference queries")
     evaluate.add_argument("--out", default="runs/watermark")
     evaluate.add_argument("--threads", type=int)
+    evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_evaluate_command)
 
     verify = subparsers.add_parser("verify", help="test a suspect model for the watermark")

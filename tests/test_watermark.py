@@ -1,0 +1,152 @@
+"""Watermark verification statistics and the focused budget: properties, not examples."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from grad2 import targets
+from grad2.defenses import GRAD2
+from grad2.watermark import (
+    FocusedGRAD2,
+    Secret,
+    binomial_tail,
+    calibrate_threshold,
+    create,
+    draw_labels,
+    label_ranks,
+    make_triggers,
+    rank_sum_cdf,
+    verify_scores,
+    watermark_gain,
+)
+
+
+def _tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize(("count", "num_classes"), [(1, 10), (3, 4), (4, 3)])
+def test_rank_sum_cdf_equals_enumeration(count: int, num_classes: int) -> None:
+    sums = np.array([sum(r) for r in itertools.product(range(1, num_classes + 1), repeat=count)])
+    for total in range(count - 1, count * num_classes + 2):
+        assert rank_sum_cdf(total, count, num_classes) == pytest.approx((sums <= total).mean(),
+                                                                        rel=1e-12, abs=0)
+
+
+def test_rank_sum_cdf_matches_monte_carlo() -> None:
+    draws = np.random.default_rng(0).integers(1, 11, size=(400_000, 8)).sum(axis=1)
+    for total in (14, 20, 30, 44):
+        expected = (draws <= total).mean()
+        standard_error = max(np.sqrt(expected * (1 - expected) / len(draws)), 1e-6)
+        assert abs(rank_sum_cdf(total, 8, 10) - expected) < 5 * standard_error
+    assert rank_sum_cdf(8, 8, 10) == pytest.approx(1e-8, rel=1e-12)  # every label on top
+
+
+def test_ties_rank_against_the_suspect() -> None:
+    scores = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.2, 0.5, 0.3]])
+    np.testing.assert_array_equal(label_ranks(scores, np.array([0, 0, 2])), [3, 2, 2])
+
+
+def test_labels_are_uniform_and_seeded() -> None:
+    labels = draw_labels(50_000, 7, 10)
+    np.testing.assert_array_equal(labels, draw_labels(50_000, 7, 10))
+    counts = np.bincount(labels, minlength=10)
+    assert (np.abs(counts - 5000) < 5 * np.sqrt(5000 * 0.9)).all()
+
+
+def test_both_tests_reject_innocent_models_at_their_exact_level() -> None:
+    """Many secrets (fresh uniform labels) against fixed innocent models: the fraction of
+    p-values ≤ 0.05 equals each discrete test's exact size (≤ 0.05), within sampling error."""
+    count, num_classes, draws = 10, 10, 4000
+    triggers = torch.from_numpy(make_triggers(count, 1)).float().unsqueeze(1) / 255
+    alpha = 0.05
+    critical = max(s for s in range(count, count * num_classes + 1)
+                   if rank_sum_cdf(s, count, num_classes) <= alpha)
+    rank_size = rank_sum_cdf(critical, count, num_classes)
+    binomial_size = binomial_tail(4, count, 0.1)  # 0.0128 <= 0.05 < P(>= 3 matches)
+    for model_seed in (0, 1):
+        with torch.no_grad():
+            logits = _tiny_net(model_seed)(triggers).numpy()
+        rng = np.random.default_rng(model_seed)
+        rank_p, binom_p = [], []
+        for labels in rng.integers(0, num_classes, size=(draws, count)):
+            report = verify_scores(Secret(np.zeros((count, 2, 2), np.uint8), labels, 0,
+                                          num_classes), logits)
+            rank_p.append(report["rank_p_value"])
+            binom_p.append(report["p_value"])
+        for p_values, size in ((rank_p, rank_size), (binom_p, binomial_size)):
+            rate = np.mean(np.array(p_values) <= alpha)
+            assert abs(rate - size) < 4 * np.sqrt(size * (1 - size) / draws) + 1e-3
+    assert 0.04 < rank_size <= alpha < binomial_tail(3, count, 0.1)
+
+
+def test_verify_scores_on_a_perfect_and_a_legacy_suspect() -> None:
+    labels = np.array([3, 1, 4, 1])
+    scores = np.eye(10)[labels] + 0.01 * np.arange(10)
+    secret = Secret(np.zeros((4, 2, 2), np.uint8), labels, 0, 10)
+    report = verify_scores(secret, scores)
+    assert report["matches"] == 4 and report["rank_sum"] == 4
+    assert report["rank_p_value"] == pytest.approx(1e-4) == report["p_value"]
+    legacy = verify_scores(Secret(secret.triggers, labels, 0, 10, uniform_labels=False), scores)
+    assert legacy["chance"] == pytest.approx(1 / 9) and legacy["rank_p_value"] is None
+    assert legacy["p_value"] == pytest.approx(9.0**-4)
+
+
+def test_legacy_secret_files_load_as_legacy(tmp_path) -> None:
+    path = tmp_path / "old.npz"
+    with path.open("wb") as handle:
+        np.savez(handle, triggers=np.zeros((2, 28, 28), np.uint8), labels=np.array([1, 2]),
+                 seed=np.int64(0), num_classes=np.int64(10))
+    assert not Secret.load(path).uniform_labels
+
+
+def test_silhouette_triggers_are_seeded_filled_shapes() -> None:
+    first = make_triggers(16, 3, style="silhouettes")
+    np.testing.assert_array_equal(first, make_triggers(16, 3, style="silhouettes"))
+    assert first.dtype == np.uint8 and first.shape == (16, 28, 28)
+    bright = (first > 128).reshape(16, -1).mean(axis=1)
+    assert ((bright > 0.08) & (bright < 0.6)).all()  # a body, not a stroke, not a page
+    with pytest.raises(ValueError, match="style"):
+        make_triggers(2, 0, style="noise")
+
+
+def test_focused_defense_spends_only_above_its_threshold_and_per_query() -> None:
+    surrogate = _tiny_net(3)
+    target, _ = create(surrogate, count=4, seed=1)
+    grad2 = GRAD2(surrogate, 1.0, target)
+    x = torch.randn(64, 1, 28, 28)
+    probs = torch.softmax(2 * torch.randn(64, 10), dim=1)
+    scores = grad2.scores(x, probs)
+    gains = watermark_gain(probs, scores)
+    threshold = calibrate_threshold(gains, probs, scores, budget=0.3)
+    focused = FocusedGRAD2(grad2, threshold)
+    answers = focused(x, probs)
+    spent = (answers - probs).abs().sum(dim=1)
+    assert spent.mean() <= 0.3 + 1e-5
+    assert (spent[gains < threshold] == 0).all() and (spent[gains >= threshold] > 0).all()
+    alone = torch.cat([focused(x[i:i + 1], probs[i:i + 1]) for i in (0, 17, 40)])
+    torch.testing.assert_close(alone, answers[[0, 17, 40]])
+    assert calibrate_threshold(gains, probs, scores, budget=0.0) == float("inf")
+
+
+def test_equalized_target_is_the_mean_of_unit_norm_trigger_gradients() -> None:
+    surrogate = _tiny_net(6)
+    triggers = torch.randn(5, 1, 28, 28)
+    labels = torch.tensor([0, 3, 3, 9, 1])
+    plain = targets.watermark(surrogate, triggers, labels)
+    equalized = targets.watermark(surrogate, triggers, labels, equalize=True)
+    singles = [targets.watermark(surrogate, triggers[i:i + 1], labels[i:i + 1]) for i in range(5)]
+    norms = [torch.sqrt(sum(g.pow(2).sum() for g in single.values())) for single in singles]
+    for name in plain:
+        torch.testing.assert_close(plain[name], sum(s[name] for s in singles) / 5)
+        expected = sum(s[name] / n for s, n in zip(singles, norms, strict=True)) / 5
+        torch.testing.assert_close(equalized[name], expected)
