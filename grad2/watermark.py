@@ -37,10 +37,12 @@ from grad2.data import to_tensor
 from grad2.defenses import GRAD2, Defense
 from grad2.models import load_checkpoint
 from grad2.redirect import redirect
+from grad2.scores import eval_mode
 
 DEFAULT_TRIGGERS = 20
 DEFAULT_STYLE = "strokes"
 DEFAULT_EQUALIZE = False
+DEFAULT_CANDIDATES = 1
 TRIGGER_STYLES = ("strokes", "silhouettes")
 
 
@@ -166,14 +168,37 @@ def draw_labels(count: int, seed: int, num_classes: int) -> np.ndarray:
     return np.random.default_rng(seed + 1).integers(0, num_classes, size=count).astype(np.int64)
 
 
+def select_ambiguous(candidates: np.ndarray, model: nn.Module, count: int) -> np.ndarray:
+    """The ``count`` images of ``candidates`` ``uint8 [M, H, W]`` on which ``model`` is
+    least sure (lowest top-class probability), in their original order.
+
+    A clone copies the victim's answers; where those are flat, the watermark label needs
+    little extra mass to become the clone's top class. The choice looks at images and the
+    model only, never at the labels (drawn afterwards, independently), so the verification
+    null stays exact.
+    """
+    with torch.no_grad(), eval_mode(model):
+        top = torch.softmax(model(to_tensor(candidates)), dim=1).max(dim=1).values
+    chosen = torch.argsort(top, stable=True)[:count].sort().values
+    return candidates[chosen.numpy()]
+
+
 def create(surrogate: nn.Module, count: int = DEFAULT_TRIGGERS, seed: int | None = None,
            num_classes: int = 10, style: str = DEFAULT_STYLE, equalize: bool = DEFAULT_EQUALIZE,
-           ) -> tuple[dict[str, torch.Tensor], Secret]:
+           candidates: int = DEFAULT_CANDIDATES) -> tuple[dict[str, torch.Tensor], Secret]:
     """Draw a secret (:func:`make_triggers`, :func:`draw_labels`) and build its
-    ``watermark`` target from ``surrogate`` (``equalize``: every trigger's gradient at
-    unit norm, see :func:`grad2.targets.watermark`)."""
+    ``watermark`` target from ``surrogate``.
+
+    ``candidates``: draw ``candidates · count`` trigger images and keep the ``count`` the
+    surrogate is least sure of (:func:`select_ambiguous`); 1 keeps the first draw.
+    ``equalize``: every trigger's gradient at unit norm (:func:`grad2.targets.watermark`).
+    """
     seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
-    triggers = make_triggers(count, seed, style=style)
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    triggers = make_triggers(count * candidates, seed, style=style)
+    if candidates > 1:
+        triggers = select_ambiguous(triggers, surrogate, count)
     secret = Secret(triggers, draw_labels(count, seed, num_classes), seed, num_classes)
     target = targets.watermark(surrogate, to_tensor(triggers), torch.from_numpy(secret.labels),
                                equalize=equalize)
@@ -337,6 +362,7 @@ def evaluate_watermark(
     pool_size: int | None = None, style: str = DEFAULT_STYLE,
     focus_epsilon: float | None = None, progress: bool = True,
     equalize: bool = DEFAULT_EQUALIZE, surrogate_epochs: int | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
@@ -358,7 +384,8 @@ def evaluate_watermark(
     lab = Lab(cache_dir() / "eval", progress=progress)
     surrogate = (lab.surrogate(pool) if surrogate_epochs is None
                  else _longer_surrogate(lab, pool, surrogate_epochs, progress))
-    target, secret = create(surrogate, count, secret_seed, style=style, equalize=equalize)
+    target, secret = create(surrogate, count, secret_seed, style=style, equalize=equalize,
+                            candidates=candidates)
     out.mkdir(parents=True, exist_ok=True)
     secret.save(out / "secret.npz")
     inputs = to_tensor(thief_pool(pool, size=pool_size, seed=0).images)
@@ -392,6 +419,7 @@ def evaluate_watermark(
             rows.append({
                 "model": "clone", "epsilon": epsilon, "seed": seed, "style": style,
                 "equalize": equalize, "surrogate_epochs": surrogate_epochs,
+                "candidates": candidates,
                 "focus_epsilon": focus_epsilon, "threshold": threshold,
                 "defender_accuracy": float((test_answers.argmax(1) == lab.test_labels)
                                            .float().mean()),
@@ -450,7 +478,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                               clone_epochs=args.clone_epochs, out=Path(args.out),
                               pool_size=args.pool_size, style=args.style,
                               focus_epsilon=args.focus_epsilon, progress=not args.no_progress,
-                              equalize=args.equalize, surrogate_epochs=args.surrogate_epochs)
+                              equalize=args.equalize, surrogate_epochs=args.surrogate_epochs,
+                              candidates=args.candidates)
     print(format_rows(rows))
     return 0
 
@@ -458,7 +487,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 def _create_command(args: argparse.Namespace) -> int:
     surrogate, _ = load_checkpoint(args.surrogate)
     target, secret = create(surrogate, args.triggers, args.seed, style=args.style,
-                            equalize=args.equalize)
+                            equalize=args.equalize, candidates=args.candidates)
     targets.save(target, args.target_out)
     secret.save(args.secret_out)
     print(f"target: {args.target_out} (pack it with grad2 archive --target, "
@@ -485,6 +514,9 @@ def _add_equalize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--equalize", action=argparse.BooleanOptionalAction,
                         default=DEFAULT_EQUALIZE,
                         help="scale every trigger's gradient to unit norm in the target")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="draw this many images per trigger, keep the surrogate's least "
+                             "sure")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

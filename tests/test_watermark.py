@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from grad2 import targets
+from grad2.data import to_tensor
 from grad2.defenses import GRAD2
 from grad2.watermark import (
     FocusedGRAD2,
@@ -21,6 +22,7 @@ from grad2.watermark import (
     label_ranks,
     make_triggers,
     rank_sum_cdf,
+    select_ambiguous,
     verify_scores,
     watermark_gain,
 )
@@ -150,3 +152,18 @@ def test_equalized_target_is_the_mean_of_unit_norm_trigger_gradients() -> None:
         torch.testing.assert_close(plain[name], sum(s[name] for s in singles) / 5)
         expected = sum(s[name] / n for s, n in zip(singles, norms, strict=True)) / 5
         torch.testing.assert_close(equalized[name], expected)
+
+
+def test_selected_triggers_are_the_least_sure_and_leave_the_labels_alone() -> None:
+    surrogate = _tiny_net(7)
+    candidates = make_triggers(40, 11, style="silhouettes")
+    chosen = select_ambiguous(candidates, surrogate, 5)
+    with torch.no_grad():
+        top = torch.softmax(surrogate(to_tensor(candidates)), 1).max(1).values.numpy()
+    chosen_top = np.sort(top[[np.flatnonzero((candidates == c).all(axis=(1, 2)))[0]
+                              for c in chosen]])
+    np.testing.assert_allclose(chosen_top, np.sort(top)[:5])
+    _, plain = create(surrogate, count=5, seed=11, style="silhouettes")
+    _, selected = create(surrogate, count=5, seed=11, style="silhouettes", candidates=8)
+    np.testing.assert_array_equal(plain.labels, selected.labels)
+    assert not np.array_equal(plain.triggers, selected.triggers)
