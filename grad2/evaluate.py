@@ -153,28 +153,36 @@ def quick_sweep() -> Sweep:
     return Sweep(grid=grid, pools=("animal",), pool_size=2000, clone_epochs=4)
 
 
+#: Budgets of the headline families: they span defender accuracy drops of about 0.2 to 5
+#: points on this victim, so clone error can be read off at +0.5, +1, +2 and +5.
+HEADLINE_EPSILONS = (0.25, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: The defenses every seed and every adaptive thief is run against.
+HEADLINE_FAMILIES = ("grad2", "grad2_misdirect", "control_fixed_class", "random", "mad")
+
+
 def headline_sweep() -> Sweep:
-    """The committed run, sized for a 2-core machine shared with other work, in order of
-    importance (each stage on both pools before the next): the soft thief (4,000
-    queries, 8 clone epochs) against every defense at budget 0.25–0.5; then budget 1.0;
-    then two extra seeds on the headline points; then the adaptive thieves."""
-    grid = {
-        "none": (0.0,), "grad2": (0.25, 0.5), "grad2_misdirect": (0.25, 0.5), "mad": (0.5,),
-        "random": (0.5,), "control_fixed_class": (0.5,), "control_shuffled": (0.5,),
-        "control_random_scores": (0.5,), "grad2_random_surrogate": (0.5,),
-        "grad2_min_ip": (0.5,), "grad2_top1": (0.5,), "mad_argmax": (0.5,),
-        "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7), "rounding": (1.0,),
+    """The committed run, sized for a 2-core machine, in order of importance (each stage on
+    both pools before the next): the soft thief (4,000 queries, 8 clone epochs) against
+    every defense, the headline families over :data:`HEADLINE_EPSILONS`, the others at
+    budget 0.5 or their own knobs; then seeds 1 and 2 of the headline families; then the
+    adaptive thieves (labels only, another architecture, smoothing) at budgets 0.5 and 0.7;
+    last budget 1.0, where every L1 defense flips most labels."""
+    headline = {"none": (0.0,)} | {family: HEADLINE_EPSILONS for family in HEADLINE_FAMILIES}
+    grid = headline | {
+        "control_shuffled": (0.5,), "control_random_scores": (0.5,),
+        "grad2_random_surrogate": (0.5,), "grad2_min_ip": (0.5,), "grad2_top1": (0.5,),
+        "mad_argmax": (0.5,), "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7),
+        "rounding": (1.0,),
     }
-    extra = {family: (1.0,) for family in ("grad2", "grad2_misdirect", "mad", "random",
-                                           "grad2_top1", "control_fixed_class")}
+    extra = {family: (1.0,) for family in (*HEADLINE_FAMILIES, "grad2_top1")}
     return Sweep(
         grid=grid,
         extra_grid=extra,
         pool_size=4000,
         clone_epochs=8,
-        headline={"none": (0.0,), "grad2": (0.25, 0.5), "grad2_misdirect": (0.25, 0.5)},
+        headline=headline,
         headline_seeds=(1, 2),
-        adaptive={"none": (0.0,), "grad2": (0.5,), "grad2_misdirect": (0.5,)},
+        adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in HEADLINE_FAMILIES},
         adaptive_thieves=("labels", "arch", "smooth"),
     )
 
@@ -414,7 +422,8 @@ def with_prior_rows(results: list[RunResult]) -> list[RunResult]:
 
 def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
     """Every clone the sweep needs, without repeats, most important first: the soft
-    thief over the whole grid (every pool), then extra seeds, then adaptive thieves.
+    thief over the grid (every pool), then extra seeds, then adaptive thieves, then the
+    extra budgets.
     ``prior`` needs no clone of its own (it reuses ``soft``), and an L1 family at
     budget 0 is ``none``."""
     runs: list[tuple[DefenseSpec, str, str, int]] = []
@@ -435,9 +444,9 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
                                 runs.append((spec, pool, thief, seed))
 
     add(sweep.grid, sweep.thieves, sweep.seeds)
-    add(sweep.extra_grid, sweep.thieves, sweep.seeds)
     add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
+    add(sweep.extra_grid, sweep.thieves, sweep.seeds)
     return runs
 
 

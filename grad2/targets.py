@@ -43,24 +43,39 @@ def min_ip(model: nn.Module, x: Tensor, probs: Tensor) -> dict[str, Tensor]:
 
 
 def watermark(
-    model: nn.Module, triggers: Tensor, labels: Tensor, equalize: bool = False
+    model: nn.Module, triggers: Tensor, labels: Tensor, equalize: bool = False,
+    references: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``t = mean_w ∇_θ log s_θ(y_w | x_w)``: clones learn ``triggers → labels``.
 
     ``triggers``: ``[W, ...]`` inputs; ``labels``: ``[W]`` class indices. With
     ``equalize``, each trigger's gradient is scaled to unit norm (over all parameters)
     before the mean, so no trigger dominates the direction because its gradient is large.
+
+    ``references`` ``[R, ...]`` (inputs like the thief's) make the target contrastive:
+    ``t = mean_w (g(x_w, y_w) − mean_r g(r, y_w))`` with ``g(x, k) = ∇_θ log s_θ(k | x)``
+    (each trigger's term scaled as above). The subtracted part raises the watermark
+    labels on every input alike: without it the scores of most queries favour the same
+    one or two labels (a class-bias push) instead of the label of the nearest trigger.
     """
     with torch.no_grad(), eval_mode(model):
         num_classes = model(triggers[:1]).shape[-1]
     one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).to(triggers.dtype)
-    if not equalize:
-        return _gradient(model, triggers, one_hot, sign=1.0)
-    per_trigger = _per_example_gradients(model, triggers, one_hot)
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_trigger.values()))
-    scale = 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-    return {name: torch.einsum("w,w...->...", scale, g) / len(triggers)
-            for name, g in per_trigger.items()}
+    if equalize:
+        per_trigger = _per_example_gradients(model, triggers, one_hot)
+        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_trigger.values()))
+        weights = 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny) / len(triggers)
+        target = {name: torch.einsum("w,w...->...", weights, g)
+                  for name, g in per_trigger.items()}
+    else:
+        weights = torch.full((len(triggers),), 1.0 / len(triggers), dtype=triggers.dtype)
+        target = _gradient(model, triggers, one_hot, sign=1.0)
+    if references is None:
+        return target
+    # mean_r Σ_w weight_w g(r, y_w) = the reference gradient of one soft label per input.
+    label_mix = (weights.to(one_hot.dtype)[:, None] * one_hot).sum(dim=0)
+    common = _gradient(model, references, label_mix.expand(len(references), -1), sign=1.0)
+    return {name: target[name] - common[name] for name in target}
 
 
 def _per_example_gradients(model: nn.Module, x: Tensor, weights: Tensor) -> dict[str, Tensor]:

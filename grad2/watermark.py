@@ -185,13 +185,16 @@ def select_ambiguous(candidates: np.ndarray, model: nn.Module, count: int) -> np
 
 def create(surrogate: nn.Module, count: int = DEFAULT_TRIGGERS, seed: int | None = None,
            num_classes: int = 10, style: str = DEFAULT_STYLE, equalize: bool = DEFAULT_EQUALIZE,
-           candidates: int = DEFAULT_CANDIDATES) -> tuple[dict[str, torch.Tensor], Secret]:
+           candidates: int = DEFAULT_CANDIDATES, references: Tensor | None = None,
+           ) -> tuple[dict[str, torch.Tensor], Secret]:
     """Draw a secret (:func:`make_triggers`, :func:`draw_labels`) and build its
     ``watermark`` target from ``surrogate``.
 
     ``candidates``: draw ``candidates · count`` trigger images and keep the ``count`` the
     surrogate is least sure of (:func:`select_ambiguous`); 1 keeps the first draw.
-    ``equalize``: every trigger's gradient at unit norm (:func:`grad2.targets.watermark`).
+    ``equalize``: every trigger's gradient at unit norm; ``references`` ``[R, 1, 28, 28]``
+    (normalised inputs like the thief's): the contrastive target. Both are options of
+    :func:`grad2.targets.watermark`.
     """
     seed = int(np.random.SeedSequence().entropy % 2**62) if seed is None else seed
     if candidates < 1:
@@ -201,7 +204,7 @@ def create(surrogate: nn.Module, count: int = DEFAULT_TRIGGERS, seed: int | None
         triggers = select_ambiguous(triggers, surrogate, count)
     secret = Secret(triggers, draw_labels(count, seed, num_classes), seed, num_classes)
     target = targets.watermark(surrogate, to_tensor(triggers), torch.from_numpy(secret.labels),
-                               equalize=equalize)
+                               equalize=equalize, references=references)
     return target, secret
 
 
@@ -352,6 +355,69 @@ def calibrate_threshold(gains: Tensor, probs: Tensor, scores: Tensor, budget: fl
     return float("inf") if affordable == 0 else float(gains[order][affordable - 1])
 
 
+def penultimate_features(model: nn.Module, x: Tensor) -> Tensor:
+    """``[B, D]``: the input of ``model``'s last ``nn.Linear`` for inputs ``x``, eval mode."""
+    last = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+    captured: list[Tensor] = []
+    handle = last.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    finally:
+        handle.remove()
+    return captured[0].flatten(1)
+
+
+class NeighbourPush(Defense):
+    """Not gradient redirection: a query close to a trigger (cosine similarity of the
+    surrogate's centred penultimate features at least ``threshold``) gets ``high_epsilon``
+    of L1 moved to the nearest trigger's watermark label, taken from its likeliest classes
+    first; every other query is answered unchanged. A clone then learns the labels
+    around the triggers. A pure function of the query.
+
+    ``triggers`` ``[W, 1, H, W]`` and ``labels`` ``[W]`` come from the secret, ``centre``
+    ``[D]`` is the mean feature of reference queries (:meth:`fit`).
+    """
+
+    def __init__(self, surrogate: nn.Module, triggers: Tensor, labels: Tensor, centre: Tensor,
+                 threshold: float, high_epsilon: float = 2.0) -> None:
+        self.surrogate, self.labels, self.centre = surrogate.eval(), labels.long(), centre
+        self.trigger_features = self._unit(penultimate_features(surrogate, triggers))
+        self.threshold, self.high_epsilon = float(threshold), float(high_epsilon)
+
+    def _unit(self, features: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(features - self.centre, dim=1)
+
+    def nearest(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(similarity [B], trigger index [B])`` of each query's nearest trigger."""
+        similarity = self._unit(penultimate_features(self.surrogate, x)) @ self.trigger_features.T
+        return similarity.max(dim=1)
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        similarity, index = self.nearest(x)
+        receivers = self.labels.to(probs.device)[index]
+        scores = (-probs).scatter(1, receivers.unsqueeze(1), 2.0)
+        spend = (similarity >= self.threshold).to(probs.dtype) * self.high_epsilon
+        return redirect(probs, scores, spend)
+
+    @classmethod
+    def fit(cls, surrogate: nn.Module, secret: Secret, references: Tensor,
+            reference_probs: Tensor, budget: float, high_epsilon: float = 2.0) -> NeighbourPush:
+        """Centre on ``references`` ``[R, ...]`` and pick the lowest threshold whose mean
+        L1 on them (clean answers ``reference_probs [R, K]``) stays within ``budget``."""
+        centre = penultimate_features(surrogate, references).mean(dim=0)
+        defense = cls(surrogate, to_tensor(secret.triggers), torch.from_numpy(secret.labels),
+                      centre, float("inf"), high_epsilon)
+        similarity, index = defense.nearest(references)
+        receiver_probs = reference_probs.gather(1, defense.labels[index].unsqueeze(1)).squeeze(1)
+        cost = (2 * (1 - receiver_probs)).clamp(max=high_epsilon)
+        order = torch.argsort(similarity, descending=True)
+        affordable = int((torch.cumsum(cost[order], 0) / len(references) <= budget).sum())
+        if affordable:
+            defense.threshold = float(similarity[order][affordable - 1])
+        return defense
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -362,7 +428,7 @@ def evaluate_watermark(
     pool_size: int | None = None, style: str = DEFAULT_STYLE,
     focus_epsilon: float | None = None, progress: bool = True,
     equalize: bool = DEFAULT_EQUALIZE, surrogate_epochs: int | None = None,
-    candidates: int = DEFAULT_CANDIDATES,
+    candidates: int = DEFAULT_CANDIDATES, contrast: bool = False, neighbours: bool = False,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
@@ -376,6 +442,9 @@ def evaluate_watermark(
     (seed 99, the defender's simulated thief) is ``epsilon``; otherwise plain GRAD².
     ``surrogate_epochs``: a surrogate trained that many epochs of the lab's planned
     schedule (cached beside the lab's models) instead of the lab's early-stopped one.
+    ``contrast``: the contrastive target, references = 2,000 images of ``pool`` (seed 99).
+    ``neighbours``: :class:`NeighbourPush` instead of GRAD² (``high_epsilon =
+    focus_epsilon or 2``), calibrated on the same reference queries.
     """
     from grad2.data import cache_dir, thief_pool
     from grad2.evaluate import Lab, apply_defense
@@ -384,8 +453,9 @@ def evaluate_watermark(
     lab = Lab(cache_dir() / "eval", progress=progress)
     surrogate = (lab.surrogate(pool) if surrogate_epochs is None
                  else _longer_surrogate(lab, pool, surrogate_epochs, progress))
+    references = to_tensor(thief_pool(pool, size=2000, seed=99).images) if contrast else None
     target, secret = create(surrogate, count, secret_seed, style=style, equalize=equalize,
-                            candidates=candidates)
+                            candidates=candidates, references=references)
     out.mkdir(parents=True, exist_ok=True)
     secret.save(out / "secret.npz")
     inputs = to_tensor(thief_pool(pool, size=pool_size, seed=0).images)
@@ -396,15 +466,19 @@ def evaluate_watermark(
         for name, model in (("victim", lab.victim), ("surrogate", surrogate),
                             ("other surrogate", lab.surrogate(other)))
     ]
-    if focus_epsilon is not None:
-        reference = to_tensor(thief_pool(pool, size=2000, seed=99).images)
-        reference_probs = predict_probs(lab.victim, reference)
+    reference = to_tensor(thief_pool(pool, size=2000, seed=99).images)
+    reference_probs = predict_probs(lab.victim, reference)
+    if focus_epsilon is not None and not neighbours:
         reference_scores = GRAD2(surrogate, 1.0, target).scores(reference, reference_probs)
         reference_gains = watermark_gain(reference_probs, reference_scores)
     for epsilon in epsilons:
         defense: Defense = GRAD2(surrogate, epsilon, target)
         threshold = None
-        if focus_epsilon is not None and epsilon > 0:
+        if neighbours and epsilon > 0:
+            defense = NeighbourPush.fit(surrogate, secret, reference, reference_probs, epsilon,
+                                        focus_epsilon or 2.0)
+            threshold = defense.threshold
+        elif focus_epsilon is not None and epsilon > 0:
             threshold = calibrate_threshold(reference_gains, reference_probs, reference_scores,
                                             epsilon, focus_epsilon)
             defense = FocusedGRAD2(defense, threshold, focus_epsilon)
@@ -419,7 +493,7 @@ def evaluate_watermark(
             rows.append({
                 "model": "clone", "epsilon": epsilon, "seed": seed, "style": style,
                 "equalize": equalize, "surrogate_epochs": surrogate_epochs,
-                "candidates": candidates,
+                "candidates": candidates, "contrast": contrast, "neighbours": neighbours,
                 "focus_epsilon": focus_epsilon, "threshold": threshold,
                 "defender_accuracy": float((test_answers.argmax(1) == lab.test_labels)
                                            .float().mean()),
@@ -479,15 +553,22 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                               pool_size=args.pool_size, style=args.style,
                               focus_epsilon=args.focus_epsilon, progress=not args.no_progress,
                               equalize=args.equalize, surrogate_epochs=args.surrogate_epochs,
-                              candidates=args.candidates)
+                              candidates=args.candidates, contrast=args.contrast,
+                              neighbours=args.neighbours)
     print(format_rows(rows))
     return 0
 
 
 def _create_command(args: argparse.Namespace) -> int:
     surrogate, _ = load_checkpoint(args.surrogate)
+    references = None
+    if args.references:
+        from grad2.data import thief_pool
+
+        references = to_tensor(thief_pool(args.references, size=2000, seed=99).images)
     target, secret = create(surrogate, args.triggers, args.seed, style=args.style,
-                            equalize=args.equalize, candidates=args.candidates)
+                            equalize=args.equalize, candidates=args.candidates,
+                            references=references)
     targets.save(target, args.target_out)
     secret.save(args.secret_out)
     print(f"target: {args.target_out} (pack it with grad2 archive --target, "
@@ -528,6 +609,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create_parser.add_argument("--style", choices=TRIGGER_STYLES, default=DEFAULT_STYLE)
     create_parser.add_argument("--seed", type=int, help="secret seed (default: fresh entropy)")
     _add_equalize(create_parser)
+    create_parser.add_argument("--references", choices=("animal", "fashion_heldout"),
+                               help="contrastive target against 2,000 images of this pool")
     create_parser.add_argument("--target-out", type=Path, default=Path("watermark_target.pt"))
     create_parser.add_argument("--secret-out", type=Path, default=Path("watermark_secret.npz"))
     create_parser.set_defaults(func=_create_command)
@@ -541,6 +624,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--style", choices=TRIGGER_STYLES, default=DEFAULT_STYLE)
     evaluate.add_argument("--secret-seed", type=int, default=2024)
     _add_equalize(evaluate)
+    evaluate.add_argument("--neighbours", action="store_true",
+                          help="NeighbourPush (not GRAD²): push queries near a trigger to "
+                               "its label, --focus-epsilon each (default 2)")
+    evaluate.add_argument("--contrast", action="store_true",
+                          help="contrastive target against 2,000 images of the pool (seed 99)")
     evaluate.add_argument("--surrogate-epochs", type=int,
                           help="train a surrogate this many epochs instead of the lab's")
     evaluate.add_argument("--focus-epsilon", type=float,
