@@ -14,6 +14,7 @@ from grad2.data import to_tensor
 from grad2.defenses import GRAD2
 from grad2.watermark import (
     FocusedGRAD2,
+    NeighbourPush,
     Secret,
     binomial_tail,
     calibrate_threshold,
@@ -167,3 +168,36 @@ def test_selected_triggers_are_the_least_sure_and_leave_the_labels_alone() -> No
     _, selected = create(surrogate, count=5, seed=11, style="silhouettes", candidates=8)
     np.testing.assert_array_equal(plain.labels, selected.labels)
     assert not np.array_equal(plain.triggers, selected.triggers)
+
+
+def test_contrastive_target_subtracts_the_labels_gradient_on_references() -> None:
+    surrogate = _tiny_net(8)
+    triggers, references = torch.randn(3, 1, 28, 28), torch.randn(6, 1, 28, 28)
+    labels = torch.tensor([2, 2, 7])
+    contrastive = targets.watermark(surrogate, triggers, labels, references=references)
+    plain = targets.watermark(surrogate, triggers, labels)
+    common = [targets.watermark(surrogate, references, torch.full((6,), int(k))) for k in labels]
+    for name in plain:
+        expected = plain[name] - sum(c[name] for c in common) / 3
+        torch.testing.assert_close(contrastive[name], expected)
+
+
+def test_neighbour_push_moves_trigger_lookalikes_to_their_label_within_budget() -> None:
+    surrogate = _tiny_net(9)
+    _, secret = create(surrogate, count=4, seed=2, style="silhouettes")
+    references = to_tensor(make_triggers(200, 5, style="silhouettes"))
+    reference_probs = torch.softmax(torch.randn(200, 10), dim=1)
+    defense = NeighbourPush.fit(surrogate, secret, references, reference_probs, budget=0.3)
+    answers = defense(references, reference_probs)
+    spent = (answers - reference_probs).abs().sum(dim=1)
+    assert spent.mean() <= 0.3 + 1e-5 and (spent > 0).any() and (spent == 0).any()
+    similarity, index = defense.nearest(references)
+    moved = spent > 0
+    assert (similarity[moved] >= defense.threshold).all()
+    np.testing.assert_array_equal(answers[moved].argmax(1).numpy(), secret.labels[index[moved]])
+    triggers = to_tensor(secret.triggers)
+    uniform = torch.full((4, 10), 0.1)
+    pushed = defense(triggers, uniform)  # a trigger is its own nearest neighbour
+    np.testing.assert_array_equal(pushed.argmax(1).numpy(), secret.labels)
+    alone = torch.cat([defense(references[i:i + 1], reference_probs[i:i + 1]) for i in (3, 99)])
+    torch.testing.assert_close(alone, answers[[3, 99]])
