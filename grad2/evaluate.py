@@ -564,6 +564,49 @@ def clone_at_drop(points: list[tuple[float, float]], drop: float) -> float:
     return best
 
 
+def drop_table_cells(results: list[RunResult], victim_accuracy: float, pool: str, thief: str,
+                     family: str) -> list[tuple[float, float]]:
+    """Clone accuracy (%) at each of :data:`DROPS`: mean and std over the seeds that have
+    a run at every knob of ``family`` (each seed's curve interpolated on its own), or the
+    curve of seed means (std NaN) when no seed has every knob."""
+    summary = aggregate(results)
+    knobs = {k[3] for k in summary if k[:3] == (pool, thief, family)}
+    drop_at = {k[3]: victim_accuracy * 100 - s["defender"]
+               for k, s in summary.items() if k[:3] == (pool, thief, family)}
+    by_seed: dict[int, dict[float, float]] = {}
+    for r in results:
+        if (r.pool, r.thief) != (pool, thief):
+            continue
+        if r.defense == family or (r.defense == "none" and family in L1_FAMILIES):
+            by_seed.setdefault(r.seed, {})[r.knob] = r.clone_accuracy * 100
+    complete = [curve for curve in by_seed.values() if set(curve) >= knobs]
+    cells = []
+    for drop in DROPS:
+        if len(complete) > 1:
+            values = [clone_at_drop([(drop_at[k], curve[k]) for k in knobs], drop)
+                      for curve in complete]
+            cells.append((float(np.mean(values)), float(np.std(values, ddof=1))))
+        else:
+            points = [(drop_at[k], summary[pool, thief, family, k]["clone"]) for k in knobs]
+            cells.append((clone_at_drop(points, drop), math.nan))
+    return cells
+
+
+def top_receiver_share(results: list[RunResult], pool: str, family: str, knob: float) -> float:
+    """Share of the moved answers whose mass went to the most frequent receiving class."""
+    runs = [r for r in results if (r.pool, r.defense, r.knob) == (pool, family, knob)
+            and r.receivers]
+    if not runs or sum(runs[0].receivers) == 0:
+        return math.nan
+    return max(runs[0].receivers) / sum(runs[0].receivers)
+
+
+def _cell(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
 def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
     summary = aggregate(results)
     lines = [f"Victim test accuracy: {victim_accuracy * 100:.2f}%", ""]
@@ -572,28 +615,41 @@ def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
             families = sorted({k[2] for k in summary if k[:2] == (pool, thief)})
             lines += [
                 f"### pool `{pool}`, thief `{thief}`: clone accuracy (%) at a defender "
-                "accuracy drop of at most …",
+                "accuracy drop of at most … (mean ± std over seeds where every knob has them)",
                 "",
-                "| defense | " + " | ".join(f"{d:g} pt" for d in DROPS) + " | points |",
+                "| defense | " + " | ".join(f"{d:g} pt" for d in DROPS) + " | knobs |",
                 "| --- | " + " | ".join("---" for _ in DROPS) + " | --- |",
             ]
             for family in families:
-                points = [
-                    (victim_accuracy * 100 - s["defender"], s["clone"])
-                    for k, s in summary.items() if k[:3] == (pool, thief, family)
-                ]
-                cells = [clone_at_drop(points, drop) for drop in DROPS]
-                text = " | ".join("—" if math.isnan(c) else f"{c:.1f}" for c in cells)
-                lines.append(f"| {family} | {text} | {len(points)} |")
+                cells = drop_table_cells(results, victim_accuracy, pool, thief, family)
+                knobs = sum(1 for k in summary if k[:3] == (pool, thief, family))
+                lines.append(f"| {family} | {' | '.join(_cell(*c) for c in cells)} | {knobs} |")
             lines.append("")
-    lines += ["### every point (mean ± std over seeds)", "",
-              "| pool | thief | defense | knob | eff. L1 | defender acc | clone acc | seeds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    thieves = ("soft", "prior", "labels", "arch", "smooth")
+    lines += ["### the strongest thief at each point (clone accuracy %, seed 0)", "",
+              "| pool | defense | knob | defender acc | " + " | ".join(thieves)
+              + " | strongest |", "|---" * (5 + len(thieves)) + "|"]
+    seed0 = {(r.pool, r.thief, r.defense, r.knob): r.clone_accuracy * 100
+             for r in results if r.seed == 0}
     for (pool, thief, family, knob), s in sorted(summary.items()):
-        std = "" if math.isnan(s["clone_std"]) else f" ± {s['clone_std']:.1f}"
+        if thief != "labels" or (pool, "labels", family, knob) not in seed0:
+            continue
+        row = [seed0.get((pool, t, family, knob), math.nan) for t in thieves]
+        strongest = max(v for v in row if not math.isnan(v))
+        best = thieves[row.index(strongest)]
+        lines.append(f"| {pool} | {family} | {knob:g} | {s['defender']:.2f} | "
+                     + " | ".join("—" if math.isnan(v) else f"{v:.1f}" for v in row)
+                     + f" | {strongest:.1f} ({best}) |")
+    lines += ["", "### every point (mean ± std over seeds)", "",
+              "| pool | thief | defense | knob | eff. L1 | defender acc | clone acc | seeds "
+              "| top receiver share |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (pool, thief, family, knob), s in sorted(summary.items()):
+        share = top_receiver_share(results, pool, family, knob)
         lines.append(
             f"| {pool} | {thief} | {family} | {knob:g} | {s['l1']:.3f} | {s['defender']:.2f} "
-            f"| {s['clone']:.1f}{std} | {s['seeds']} |"
+            f"| {_cell(s['clone'], s['clone_std'])} | {s['seeds']} | "
+            f"{'—' if math.isnan(share) else f'{share:.2f}'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -12,9 +12,12 @@ import torch
 
 from grad2.evaluate import (
     Lab,
+    RunResult,
     Sweep,
     clone_at_drop,
+    drop_table_cells,
     evaluate,
+    markdown_table,
     most_frequent_receiver,
     plan,
     prior_corrected_logits,
@@ -31,6 +34,33 @@ def test_clone_at_drop_interpolates_and_takes_the_best_knob() -> None:
     assert clone_at_drop(points, 2.0) == pytest.approx(60.0)
     assert clone_at_drop(points, 5.0) == pytest.approx(50.0)  # best knob within the drop
     assert math.isnan(clone_at_drop([(1.0, 70.0), (2.0, 60.0)], 0.5))
+
+
+def _synthetic(defense: str, knob: float, seed: int, defender: float, clone: float,
+         thief: str = "soft") -> RunResult:
+    return RunResult(pool="animal", defense=defense, knob=knob, thief=thief, seed=seed,
+                     effective_l1=knob, defender_accuracy=defender, clone_accuracy=clone,
+                     clone_agreement=clone, label_flip_rate=0.0, queries=10,
+                     receivers=[3, 1, 0])
+
+
+def test_drop_table_reads_each_seed_on_its_own_curve() -> None:
+    # victim 0.90; grad2 at 0.5 drops 1 point, at 0.7 drops 3 points
+    results = [_synthetic("none", 0.0, 0, 0.90, 0.60), _synthetic("none", 0.0, 1, 0.90, 0.50),
+               _synthetic("grad2", 0.5, 0, 0.89, 0.40), _synthetic("grad2", 0.5, 1, 0.89, 0.30),
+               _synthetic("grad2", 0.7, 0, 0.87, 0.20), _synthetic("grad2", 0.7, 1, 0.87, 0.20)]
+    cells = drop_table_cells(results, 0.90, "animal", "soft", "grad2")
+    # at 0.5 pt: halfway between 0 and 1 pt -> seed 0: 50, seed 1: 40
+    assert cells[0][0] == pytest.approx(45.0) and cells[0][1] == pytest.approx(np.std([50, 40],
+                                                                                        ddof=1))
+    assert cells[2][0] == pytest.approx(np.mean([30, 25]))  # 2 pt: halfway from 1 to 3 pt
+    # fewer than two complete seeds: the curve of seed means, no std
+    cells = drop_table_cells(results[:-1], 0.90, "animal", "soft", "grad2")
+    assert cells[0] == pytest.approx((45.0, math.nan), nan_ok=True)
+    labels_thief = _synthetic("grad2", 0.5, 0, 0.89, 0.55, thief="labels")
+    table = markdown_table([*results, labels_thief], 0.90)
+    assert "| animal | grad2 | 0.5 | 89.00 | 40.0 | — | 55.0 | — | — | 55.0 (labels) |" in table
+    assert "| 0.75 |" in table  # the top receiver took 3 of the 4 moved answers
 
 
 def test_prior_correction_is_neutral_for_a_uniform_prior_and_removes_a_bias() -> None:
