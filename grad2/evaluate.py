@@ -607,9 +607,48 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
+#: The issue's goal: clone accuracy points GRAD² must remove at a 1-point defender drop.
+GOAL_GAIN = {"animal": 10.0, "fashion_heldout": 5.0}
+GRAD2_VARIANTS = ("grad2", "grad2_misdirect")
+
+
+def goal_lines(results: list[RunResult], victim_accuracy: float) -> list[str]:
+    """The goals, checked from the runs: per pool and GRAD² variant, the clone accuracy
+    at defender drops of 0.5, 1 and 2 points (soft and prior-correcting thieves, mean ±
+    std over seeds), the gain over no defense, and the best other defense or control."""
+    lines = ["### goals (soft thief; `prior`: the prior-correcting thief on the same clones)",
+             "", "| pool | defense | drop | clone | gain | prior clone | prior gain | gain kept"
+             " | best other defense at this drop (soft) |", "|---" * 9 + "|"]
+    families = {(r.pool, r.defense) for r in results if r.thief == "soft"}
+    for pool in sorted({r.pool for r in results}):
+        base = {thief: drop_table_cells(results, victim_accuracy, pool, thief, "none")[0][0]
+                for thief in ("soft", "prior")}
+        others = {family: drop_table_cells(results, victim_accuracy, pool, "soft", family)
+                  for p, family in families
+                  if p == pool and family not in (*GRAD2_VARIANTS, "none")}
+        for family in GRAD2_VARIANTS:
+            if (pool, family) not in families:
+                continue
+            soft = drop_table_cells(results, victim_accuracy, pool, "soft", family)
+            prior = drop_table_cells(results, victim_accuracy, pool, "prior", family)
+            for index, drop in enumerate(DROPS[:3]):
+                gain, prior_gain = base["soft"] - soft[index][0], base["prior"] - prior[index][0]
+                rivals = {f: c[index][0] for f, c in others.items() if not math.isnan(c[index][0])}
+                best = min(rivals, key=rivals.get) if rivals else None
+                goal = GOAL_GAIN.get(pool) if drop == 1.0 else None
+                verdict = "" if goal is None else (" ✓" if gain >= goal else f" ✗ (goal {goal:g})")
+                kept = f"{prior_gain / gain:.0%}" if gain > 0 else "—"
+                rival = f"{best} {rivals[best]:.1f}" if best else "—"
+                lines.append(
+                    f"| {pool} | {family} | {drop:g} | {_cell(*soft[index])} | {gain:+.1f}{verdict}"
+                    f" | {_cell(*prior[index])} | {prior_gain:+.1f} | {kept} | {rival} |")
+    return [*lines, ""]
+
+
 def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
     summary = aggregate(results)
     lines = [f"Victim test accuracy: {victim_accuracy * 100:.2f}%", ""]
+    lines += goal_lines(results, victim_accuracy)
     for pool in sorted({k[0] for k in summary}):
         for thief in sorted({k[1] for k in summary if k[0] == pool}):
             families = sorted({k[2] for k in summary if k[:2] == (pool, thief)})

@@ -61,6 +61,8 @@ def test_drop_table_reads_each_seed_on_its_own_curve() -> None:
     table = markdown_table([*results, labels_thief], 0.90)
     assert "| animal | grad2 | 0.5 | 89.00 | 40.0 | — | 55.0 | — | — | 55.0 (labels) |" in table
     assert "| 0.75 |" in table  # the top receiver took 3 of the 4 moved answers
+    # goals: none 55 (mean of seeds), grad2 at a 1-point drop 35 -> a 20-point gain
+    assert "| animal | grad2 | 1 | 35.0 ± 7.1 | +20.0 ✓ |" in table
 
 
 def test_prior_correction_is_neutral_for_a_uniform_prior_and_removes_a_bias() -> None:
