@@ -41,7 +41,7 @@ from tqdm import tqdm
 from grad2 import defenses as D
 from grad2 import targets
 from grad2.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
-from grad2.models import build_model, load_checkpoint, save_checkpoint
+from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
 from grad2.train import (
     CLONE_EPOCHS,
     augment_batch,
@@ -59,7 +59,7 @@ TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")
 L1_FAMILIES = (
     "random", "mad", "mad_argmax", "grad2", "grad2_top1", "grad2_min_ip",
     "grad2_random_surrogate", "grad2_misdirect", "control_random_scores", "control_shuffled",
-    "control_fixed_class",
+    "control_fixed_class", "grad2_misdirect_ensemble",
 )
 POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
@@ -172,7 +172,7 @@ def headline_sweep() -> Sweep:
         "control_shuffled": (0.5,), "control_random_scores": (0.5,),
         "grad2_random_surrogate": (0.5,), "grad2_min_ip": (0.5,), "grad2_top1": (0.5,),
         "mad_argmax": (0.5,), "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7),
-        "rounding": (1.0,),
+        "rounding": (1.0,), "grad2_misdirect_ensemble": (0.25, 0.5, 0.7),
     }
     extra = {family: (1.0,) for family in (*HEADLINE_FAMILIES, "grad2_top1")}
     return Sweep(
@@ -182,7 +182,8 @@ def headline_sweep() -> Sweep:
         clone_epochs=8,
         headline=headline,
         headline_seeds=(1, 2),
-        adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in HEADLINE_FAMILIES},
+        adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in
+                                     (*HEADLINE_FAMILIES, "grad2_misdirect_ensemble")},
         adaptive_thieves=("labels", "arch", "smooth"),
     )
 
@@ -227,19 +228,26 @@ class Lab:
         )
         return model
 
-    def surrogate(self, pool: str, random_init: bool = False) -> nn.Module:
+    def surrogate(self, pool: str, random_init: bool = False, arch: str = "small_cnn",
+                  ) -> nn.Module:
+        """The pool's early-stopped surrogate (``arch``; the victim's by default)."""
         if random_init:
             set_seed(12345)
-            return build_model("small_cnn").eval().to(self.device)
+            return build_model(arch).eval().to(self.device)
 
         def train() -> nn.Module:
             return train_surrogate(
                 self.victim, thief_pool(pool, seed=0), epochs=self.surrogate_epochs,
-                planned_epochs=EVAL_SURROGATE_PLANNED_EPOCHS, seed=7, progress=self.progress,
-                device=self.device,
+                planned_epochs=EVAL_SURROGATE_PLANNED_EPOCHS, arch=arch, seed=7,
+                progress=self.progress, device=self.device,
             )
 
-        return self._model(f"surrogate_{pool}", train)
+        suffix = "" if arch == "small_cnn" else f"_{arch}"
+        return self._model(f"surrogate_{pool}{suffix}", train)
+
+    def ensemble(self, pool: str) -> SurrogateEnsemble:
+        """The pool's surrogates of the victim's architecture and of the adaptive thief's."""
+        return SurrogateEnsemble([self.surrogate(pool), self.surrogate(pool, arch=MISMATCH_ARCH)])
 
     def pool(self, name: str, size: int | None) -> tuple[Tensor, Tensor]:
         """``(inputs [N,1,28,28], clean victim probabilities [N,K])`` of a thief pool."""
@@ -272,6 +280,8 @@ class Lab:
             "grad2_min_ip": lambda: D.GRAD2(surrogate, knob, target="min_ip"),
             "grad2_random_surrogate": lambda: D.GRAD2(surrogate, knob),
             "grad2_misdirect": lambda: D.GRAD2(surrogate, knob, self.misdirect_target(pool)),
+            "grad2_misdirect_ensemble": lambda: D.GRAD2(
+                self.ensemble(pool), knob, self.misdirect_target(pool, ensemble=True)),
             "control_random_scores": lambda: D.RandomScores(knob, seed=0),
             "control_shuffled": lambda: D.ShuffledScores(D.GRAD2(surrogate, knob), seed=0),
             "control_fixed_class": lambda: D.FixedClassPush(knob, self.favourite_class(pool)),
@@ -280,10 +290,11 @@ class Lab:
             raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
         return builders[family]()
 
-    def misdirect_target(self, pool: str) -> dict[str, Tensor]:
-        """The fixed misdirection target, from the surrogate on 2,000 pool images."""
-        path = self.folder / "models" / f"misdirect_{pool}.pt"
-        surrogate = self.surrogate(pool)
+    def misdirect_target(self, pool: str, ensemble: bool = False) -> dict[str, Tensor]:
+        """The fixed misdirection target, from the surrogate (or the ensemble) on 2,000
+        pool images."""
+        path = self.folder / "models" / f"misdirect_{pool}{'_ensemble' if ensemble else ''}.pt"
+        surrogate = self.ensemble(pool) if ensemble else self.surrogate(pool)
         if path.exists():
             return targets.load(path, surrogate)
         references = to_tensor(thief_pool(pool, size=2000, seed=99).images)

@@ -116,6 +116,27 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 1) -> nn.Mo
     return model
 
 
+class SurrogateEnsemble(nn.Module):
+    """Several surrogates as one model (``[B, C, H, W]`` -> ``[B, K]``): the sum of the
+    members' log-probabilities, a product of experts.
+
+    GRAD²'s scores of this model (the JVP of its ``log_softmax`` along the members'
+    concatenated parameters) are the sum of the members' own scores minus a per-row
+    constant, and no GRAD² solver sees a per-row constant (over the simplex it shifts the
+    objective ``c·ỹ`` by the same amount for every answer), so one redirection steers every
+    member's architecture at once. For evaluation: archives hold a single surrogate.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(m(x), dim=-1) for m in self.members]).sum(dim=0)
+
+
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """``{"arch", "num_classes", "in_channels"}`` of a model made by :func:`build_model`."""
     if not all(hasattr(model, a) for a in _SPEC_ATTRIBUTES):
