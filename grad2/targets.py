@@ -14,9 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from grad2.scores import Target, eval_mode
+from grad2.scores import Target, eval_mode, redirection_scores
 
-__all__ = ["all_ones", "check", "load", "min_ip", "misdirect", "random", "save", "watermark"]
+__all__ = [
+    "all_ones", "centre_scores", "check", "load", "min_ip", "misdirect", "random", "save",
+    "watermark",
+]
 
 
 def all_ones(model: nn.Module) -> dict[str, Tensor]:
@@ -92,6 +95,27 @@ def _per_example_gradients(model: nn.Module, x: Tensor, weights: Tensor) -> dict
         x = x.clone() if x.is_inference() else x
         grads = vmap(grad(objective), in_dims=(None, 0, 0))(params, x, weights.to(x.dtype))
     return {name: g.detach() for name, g in grads.items()}
+
+
+def centre_scores(model: nn.Module, target: Target, references: Tensor) -> dict[str, Tensor]:
+    """``target`` with its last-layer bias component shifted so that every class's score
+    ``c_k = (G t)_k`` averages the same over ``references`` ``[R, ...]``.
+
+    ``∂ log s(k | x) / ∂b = e_k − p(x)`` for the last linear layer's bias ``b``, so adding
+    ``−m`` there changes each query's scores by ``−m_k`` plus a constant per query, which
+    the GRAD² solver ignores. With ``m`` the mean reference scores, a query's receiving
+    class is the one unusually favoured *at this query*, not the class the target favours
+    everywhere (a class-bias push).
+    """
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear or linear[-1].bias is None:
+        raise ValueError("centring needs a last nn.Linear layer with a bias")
+    bias_name = next(n for n, p in model.named_parameters() if p is linear[-1].bias)
+    scores = redirection_scores(model, references, target)
+    centred = {name: tensor.clone() for name, tensor in target.items()}
+    base = centred.get(bias_name, torch.zeros_like(linear[-1].bias))
+    centred[bias_name] = base - scores.mean(dim=0).to(base)
+    return centred
 
 
 def misdirect(model: nn.Module, references: Tensor, shift: int = 1) -> dict[str, Tensor]:

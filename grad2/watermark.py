@@ -429,6 +429,7 @@ def evaluate_watermark(
     focus_epsilon: float | None = None, progress: bool = True,
     equalize: bool = DEFAULT_EQUALIZE, surrogate_epochs: int | None = None,
     candidates: int = DEFAULT_CANDIDATES, contrast: bool = False, neighbours: bool = False,
+    centre: bool = False,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
@@ -444,7 +445,8 @@ def evaluate_watermark(
     schedule (cached beside the lab's models) instead of the lab's early-stopped one.
     ``contrast``: the contrastive target, references = 2,000 images of ``pool`` (seed 99).
     ``neighbours``: :class:`NeighbourPush` instead of GRAD² (``high_epsilon =
-    focus_epsilon or 2``), calibrated on the same reference queries.
+    focus_epsilon or 2``), calibrated on the same reference queries. ``centre``: the
+    target's scores centred per class on those queries (:func:`grad2.targets.centre_scores`).
     """
     from grad2.data import cache_dir, thief_pool
     from grad2.evaluate import Lab, apply_defense
@@ -468,6 +470,8 @@ def evaluate_watermark(
     ]
     reference = to_tensor(thief_pool(pool, size=2000, seed=99).images)
     reference_probs = predict_probs(lab.victim, reference)
+    if centre:
+        target = targets.centre_scores(surrogate, target, reference)
     if focus_epsilon is not None and not neighbours:
         reference_scores = GRAD2(surrogate, 1.0, target).scores(reference, reference_probs)
         reference_gains = watermark_gain(reference_probs, reference_scores)
@@ -494,6 +498,7 @@ def evaluate_watermark(
                 "model": "clone", "epsilon": epsilon, "seed": seed, "style": style,
                 "equalize": equalize, "surrogate_epochs": surrogate_epochs,
                 "candidates": candidates, "contrast": contrast, "neighbours": neighbours,
+                "centre": centre,
                 "focus_epsilon": focus_epsilon, "threshold": threshold,
                 "defender_accuracy": float((test_answers.argmax(1) == lab.test_labels)
                                            .float().mean()),
@@ -554,7 +559,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                               focus_epsilon=args.focus_epsilon, progress=not args.no_progress,
                               equalize=args.equalize, surrogate_epochs=args.surrogate_epochs,
                               candidates=args.candidates, contrast=args.contrast,
-                              neighbours=args.neighbours)
+                              neighbours=args.neighbours, centre=args.centre)
     print(format_rows(rows))
     return 0
 
@@ -627,6 +632,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--neighbours", action="store_true",
                           help="NeighbourPush (not GRAD²): push queries near a trigger to "
                                "its label, --focus-epsilon each (default 2)")
+    evaluate.add_argument("--centre", action="store_true",
+                          help="centre the target's scores per class on 2,000 pool images")
     evaluate.add_argument("--contrast", action="store_true",
                           help="contrastive target against 2,000 images of the pool (seed 99)")
     evaluate.add_argument("--surrogate-epochs", type=int,

@@ -201,3 +201,23 @@ def test_neighbour_push_moves_trigger_lookalikes_to_their_label_within_budget() 
     np.testing.assert_array_equal(pushed.argmax(1).numpy(), secret.labels)
     alone = torch.cat([defense(references[i:i + 1], reference_probs[i:i + 1]) for i in (3, 99)])
     torch.testing.assert_close(alone, answers[[3, 99]])
+
+
+def test_centred_target_gives_every_class_the_same_mean_score_on_references() -> None:
+    from grad2.scores import redirection_scores
+
+    surrogate = _tiny_net(10)
+    target, _ = create(surrogate, count=4, seed=4)
+    references = torch.randn(32, 1, 28, 28)
+    before = redirection_scores(surrogate, references, target).mean(dim=0)
+    centred = targets.centre_scores(surrogate, target, references)
+    after = redirection_scores(surrogate, references, centred).mean(dim=0)
+    assert before.std() > 10 * after.std()
+    torch.testing.assert_close(after, after.mean().expand(10), atol=1e-4 * before.abs().max(),
+                               rtol=0)
+    queries = torch.randn(8, 1, 28, 28)
+    shift = redirection_scores(surrogate, queries, centred) - redirection_scores(
+        surrogate, queries, target)  # −m_k plus a constant per query
+    differences = shift + before  # constant along each row
+    torch.testing.assert_close(differences, differences[:, :1].expand(-1, 10),
+                               atol=1e-4 * before.abs().max(), rtol=0)
