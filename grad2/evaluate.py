@@ -122,6 +122,8 @@ class Sweep:
     adaptive_thieves: tuple[str, ...] = ()
     headline: dict[str, tuple[float, ...]] = field(default_factory=dict)
     headline_seeds: tuple[int, ...] = ()
+    #: Points for the smoothing thief (it queries each image several times).
+    smooth: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
@@ -164,9 +166,10 @@ def headline_sweep() -> Sweep:
     """The committed run, sized for a 2-core machine, in order of importance (each stage on
     both pools before the next): the soft thief (4,000 queries, 8 clone epochs) against
     every defense, the headline families over :data:`HEADLINE_EPSILONS`, the others at
-    budget 0.5 or their own knobs; then seeds 1 and 2 of the headline families; then the
-    adaptive thieves (labels only, another architecture, smoothing) at budgets 0.5 and 0.7;
-    last budget 1.0, where every L1 defense flips most labels."""
+    budget 0.5 or their own knobs; then seeds 1 and 2 of GRAD², misdirection and the
+    fixed-class control at budgets 0.25-0.7; then the adaptive thieves (labels only and
+    another architecture at budgets 0.5 and 0.7, smoothing at 0.5); last budget 1.0, where
+    every L1 defense flips most labels."""
     headline = {"none": (0.0,)} | {family: HEADLINE_EPSILONS for family in HEADLINE_FAMILIES}
     grid = headline | {
         "control_shuffled": (0.5,), "control_random_scores": (0.5,),
@@ -174,17 +177,19 @@ def headline_sweep() -> Sweep:
         "mad_argmax": (0.5,), "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7),
         "rounding": (1.0,), "grad2_misdirect_ensemble": (0.25, 0.5, 0.7),
     }
+    seeded = ("grad2", "grad2_misdirect", "control_fixed_class")
+    adapted = (*HEADLINE_FAMILIES, "grad2_misdirect_ensemble")
     extra = {family: (1.0,) for family in (*HEADLINE_FAMILIES, "grad2_top1")}
     return Sweep(
         grid=grid,
         extra_grid=extra,
         pool_size=4000,
         clone_epochs=8,
-        headline=headline,
+        headline={"none": (0.0,)} | {family: (0.25, 0.5, 0.6, 0.7) for family in seeded},
         headline_seeds=(1, 2),
-        adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in
-                                     (*HEADLINE_FAMILIES, "grad2_misdirect_ensemble")},
-        adaptive_thieves=("labels", "arch", "smooth"),
+        adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in adapted},
+        adaptive_thieves=("labels", "arch"),
+        smooth={"none": (0.0,)} | {family: (0.5,) for family in adapted},
     )
 
 
@@ -457,6 +462,7 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
     add(sweep.grid, sweep.thieves, sweep.seeds)
     add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
+    add(sweep.smooth, ("smooth",), sweep.seeds)
     add(sweep.extra_grid, sweep.thieves, sweep.seeds)
     return runs
 
@@ -749,8 +755,9 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         sweep.extra_grid = {k: v for k, v in sweep.extra_grid.items() if k in args.defenses}
         sweep.adaptive = {k: v for k, v in sweep.adaptive.items() if k in args.defenses}
         sweep.headline = {k: v for k, v in sweep.headline.items() if k in args.defenses}
+        sweep.smooth = {k: v for k, v in sweep.smooth.items() if k in args.defenses}
     if args.no_adaptive:
-        sweep.adaptive, sweep.headline = {}, {}
+        sweep.adaptive, sweep.headline, sweep.smooth = {}, {}, {}
     if args.clone_epochs:
         sweep.clone_epochs = args.clone_epochs
     if args.pool_size:
