@@ -1,11 +1,11 @@
 """Watermark reprogramming and ownership verification.
 
 ``grad2 watermark create`` draws secret trigger images (seeded, out of distribution for the
-victim) and secret labels, builds the ``watermark`` target
-``t = mean_w ∇_θ log s_θ(y_w | x_w)`` from the surrogate, and writes the target (packed in
-the archive as ``defense.target_file``) and the secret (kept by the owner) to separate
-files. A clone trained on a ``target: watermark`` API's answers is steered toward mapping
-the triggers to their labels.
+victim; by default animal-like silhouettes the surrogate is unsure of) and secret labels,
+builds the ``watermark`` target ``t = mean_w ∇_θ log s_θ(y_w | x_w)`` from the surrogate,
+and writes the target (packed in the archive as ``defense.target_file``) and the secret
+(kept by the owner) to separate files. A clone trained on a ``target: watermark`` API's
+answers is steered toward mapping the triggers to their labels.
 
 ``grad2 verify --secret S (--model clone.pt | --url URL)`` tests a suspect with two
 statistics, both exact under the null hypothesis "the suspect is independent of the
@@ -17,6 +17,9 @@ secret labels" (see :func:`verify_scores`):
   triggers; exact one-sided p-value of the sum of ``W`` independent uniform ranks on
   ``1..K``. It uses the whole ordering, so a clone that puts the labels second or third
   still counts as evidence: more power at the same validity.
+
+``grad2 watermark evaluate`` trains clones on a watermarked API's answers and verifies
+them; docs/watermark.md has the measurements (the watermark barely transfers here).
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from grad2.redirect import redirect
 from grad2.scores import eval_mode
 
 DEFAULT_TRIGGERS = 20
-DEFAULT_STYLE = "strokes"
+#: Defaults from the measurements in docs/watermark.md: animal-like silhouettes, the 20 the
+#: surrogate is least sure of among 1,000, plain (not equalized) target.
+DEFAULT_STYLE = "silhouettes"
 DEFAULT_EQUALIZE = False
-DEFAULT_CANDIDATES = 1
+DEFAULT_CANDIDATES = 50
 TRIGGER_STYLES = ("strokes", "silhouettes")
 
 

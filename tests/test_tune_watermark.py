@@ -75,7 +75,7 @@ def test_binomial_tail_matches_scipy() -> None:
 
 
 def test_triggers_are_seeded_and_out_of_distribution_shaped() -> None:
-    first, again, other = make_triggers(8, 5), make_triggers(8, 5), make_triggers(8, 6)
+    first, again, other = (make_triggers(8, seed, style="strokes") for seed in (5, 5, 6))
     assert first.dtype == np.uint8 and first.shape == (8, 28, 28)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
