@@ -354,7 +354,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--concurrency", type=_int_list, default=[1, 16, 64],
                         help="client threads, also the archives' batchSize (default 1,16,64)")
-    parser.add_argument("--requests", type=int, default=600, help="requests per round")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds per model")
     parser.add_argument("--warmup", type=int, help="requests per model before timing "
                         "(default max(4 x concurrency, 100))")
