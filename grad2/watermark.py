@@ -295,6 +295,27 @@ def verify_scores(secret: Secret, scores: np.ndarray | Tensor) -> dict:
     }
 
 
+def null_rejection_rates(scores: np.ndarray | Tensor, num_classes: int, draws: int,
+                         levels: tuple[float, ...] = (0.05, 0.01, 0.001), seed: int = 0,
+                         ) -> dict[str, dict[str, float]]:
+    """Calibration check on a real suspect: for ``draws`` fresh uniform label vectors (a
+    suspect independent of them by construction), the fraction of binomial and rank-sum
+    p-values at or below each level; both should be at most the level (discrete tests sit
+    a little below it). ``scores``: the suspect's trigger scores ``[W, K]``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    count = len(scores)
+    labels = np.random.default_rng(seed).integers(0, num_classes, size=(draws, count))
+    label_scores = np.take_along_axis(scores[None].repeat(draws, 0), labels[..., None], 2)
+    ranks = (scores[None] >= label_scores).sum(axis=2)  # [draws, W], ties against
+    rank_cdf = np.array([rank_sum_cdf(t, count, num_classes)
+                         for t in range(count * num_classes + 1)])
+    binomial = np.array([binomial_tail(m, count, 1 / num_classes) for m in range(count + 1)])
+    p_values = {"rank_p_value": rank_cdf[ranks.sum(axis=1)],
+                "p_value": binomial[(ranks == 1).sum(axis=1)]}
+    return {name: {f"{level:g}": float((values <= level).mean()) for level in levels}
+            for name, values in p_values.items()}
+
+
 def verify_predictions(secret: Secret, predicted: np.ndarray) -> dict:
     """Matches and binomial p-value from top-1 predictions ``[W]`` alone (no ranks)."""
     one_hot = np.eye(secret.num_classes)[np.asarray(predicted)]
@@ -592,6 +613,11 @@ def _verify_command(args: argparse.Namespace) -> int:
     if args.model:
         model, _ = load_checkpoint(args.model)
         report = verify_model(secret, model)
+        if args.null_draws:
+            with torch.inference_mode():
+                logits = model.eval()(to_tensor(secret.triggers)).float().numpy()
+            report["null_rejection_rates"] = null_rejection_rates(
+                logits, secret.num_classes, args.null_draws)
     else:
         from grad2.attack import read_token
 
@@ -657,4 +683,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     suspect.add_argument("--model", type=Path, help="a checkpoint (grad2 models format)")
     suspect.add_argument("--url", help="a prediction endpoint returning probabilities")
     verify.add_argument("--token-file", type=Path)
+    verify.add_argument("--null-draws", type=int, default=0,
+                        help="with --model: also report how often each test rejects this "
+                             "model over this many random label vectors (calibration check)")
     verify.set_defaults(func=_verify_command)

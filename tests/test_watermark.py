@@ -22,6 +22,7 @@ from grad2.watermark import (
     draw_labels,
     label_ranks,
     make_triggers,
+    null_rejection_rates,
     rank_sum_cdf,
     select_ambiguous,
     verify_scores,
@@ -89,6 +90,9 @@ def test_both_tests_reject_innocent_models_at_their_exact_level() -> None:
         for p_values, size in ((rank_p, rank_size), (binom_p, binomial_size)):
             rate = np.mean(np.array(p_values) <= alpha)
             assert abs(rate - size) < 4 * np.sqrt(size * (1 - size) / draws) + 1e-3
+        vectorised = null_rejection_rates(logits, num_classes, draws, (alpha,), seed=model_seed)
+        assert vectorised["rank_p_value"]["0.05"] == np.mean(np.array(rank_p) <= alpha)
+        assert vectorised["p_value"]["0.05"] == np.mean(np.array(binom_p) <= alpha)
     assert 0.04 < rank_size <= alpha < binomial_tail(3, count, 0.1)
 
 
