@@ -24,7 +24,7 @@ METHODS = (
     "mad_argmax",
 )
 TARGETS = ("all_ones", "min_ip", "watermark", "random", "file")
-SCORE_METHODS = ("jvp", "double_backward", "finite_difference")
+SCORE_METHODS = ("jvp", "jvp_cheap", "double_backward", "finite_difference")
 ON_FAILURE = ("reject", "top1")
 OUTPUTS = ("probabilities", "topk")
 
