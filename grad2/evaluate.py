@@ -583,9 +583,10 @@ def clone_at_drop(points: list[tuple[float, float]], drop: float) -> float:
 
 def drop_table_cells(results: list[RunResult], victim_accuracy: float, pool: str, thief: str,
                      family: str) -> list[tuple[float, float]]:
-    """Clone accuracy (%) at each of :data:`DROPS`: mean and std over the seeds that have
-    a run at every knob of ``family`` (each seed's curve interpolated on its own), or the
-    curve of seed means (std NaN) when no seed has every knob."""
+    """Clone accuracy (%) at each of :data:`DROPS`: mean and std over seeds, each seed's
+    curve interpolated on its own over the knobs every such seed has (a seed with a single
+    knob, e.g. only the shared ``none`` run, has no curve); with fewer than two such seeds,
+    the curve of seed means over every knob (std NaN)."""
     summary = aggregate(results)
     knobs = {k[3] for k in summary if k[:3] == (pool, thief, family)}
     drop_at = {k[3]: victim_accuracy * 100 - s["defender"]
@@ -596,12 +597,13 @@ def drop_table_cells(results: list[RunResult], victim_accuracy: float, pool: str
             continue
         if r.defense == family or (r.defense == "none" and family in L1_FAMILIES):
             by_seed.setdefault(r.seed, {})[r.knob] = r.clone_accuracy * 100
-    complete = [curve for curve in by_seed.values() if set(curve) >= knobs]
+    curves = [curve for curve in by_seed.values() if len(curve) > 1]
+    shared = set.intersection(*(set(curve) for curve in curves)) if curves else set()
     cells = []
     for drop in DROPS:
-        if len(complete) > 1:
-            values = [clone_at_drop([(drop_at[k], curve[k]) for k in knobs], drop)
-                      for curve in complete]
+        if len(curves) > 1 and len(shared) > 1:
+            values = [clone_at_drop([(drop_at[k], curve[k]) for k in shared], drop)
+                      for curve in curves]
             cells.append((float(np.mean(values)), float(np.std(values, ddof=1))))
         else:
             points = [(drop_at[k], summary[pool, thief, family, k]["clone"]) for k in knobs]
@@ -671,7 +673,8 @@ def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
             families = sorted({k[2] for k in summary if k[:2] == (pool, thief)})
             lines += [
                 f"### pool `{pool}`, thief `{thief}`: clone accuracy (%) at a defender "
-                "accuracy drop of at most … (mean ± std over seeds where every knob has them)",
+                "accuracy drop of at most … (mean ± std over seeds, on the knobs all of them "
+                "have)",
                 "",
                 "| defense | " + " | ".join(f"{d:g} pt" for d in DROPS) + " | knobs |",
                 "| --- | " + " | ".join("---" for _ in DROPS) + " | --- |",

@@ -54,9 +54,14 @@ def test_drop_table_reads_each_seed_on_its_own_curve() -> None:
     assert cells[0][0] == pytest.approx(45.0) and cells[0][1] == pytest.approx(np.std([50, 40],
                                                                                         ddof=1))
     assert cells[2][0] == pytest.approx(np.mean([30, 25]))  # 2 pt: halfway from 1 to 3 pt
-    # fewer than two complete seeds: the curve of seed means, no std
+    # a seed without budget 0.7: both seeds read on the knobs they share (0 and 0.5)
     cells = drop_table_cells(results[:-1], 0.90, "animal", "soft", "grad2")
-    assert cells[0] == pytest.approx((45.0, math.nan), nan_ok=True)
+    assert cells[0] == pytest.approx((45.0, np.std([50, 40], ddof=1)))
+    assert cells[3][0] == pytest.approx(35.0)  # 5 pt: the best shared knob, 0.5
+    # a single seed with a curve: the curve of seed means over every knob, no std
+    cells = drop_table_cells([r for r in results if r.seed == 0 or r.defense == "none"],
+                             0.90, "animal", "soft", "grad2")
+    assert cells[2] == pytest.approx((30.0, math.nan), nan_ok=True)  # 2 pt: 55 -> 40 -> 20
     labels_thief = _synthetic("grad2", 0.5, 0, 0.89, 0.55, thief="labels")
     table = markdown_table([*results, labels_thief], 0.90)
     assert "| animal | grad2 | 0.5 | 89.00 | 40.0 | — | 55.0 | — | — | 55.0 (labels) |" in table
