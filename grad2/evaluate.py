@@ -104,6 +104,8 @@ class RunResult:
     wall_time_s: float = 0.0
     #: The same clone after logit adjustment by the answers' mean (the ``prior`` thief).
     prior_clone_accuracy: float | None = None
+    #: The first clone collapsed (see :func:`collapsed`) and was retrained at a lower rate.
+    retrained: bool = False
 
 
 @dataclass
@@ -378,6 +380,27 @@ def smoothed_answers(
     return total / copies, copies * len(inputs)
 
 
+#: The thief's learning rate (the clone recipe's), and the share of its own queries a
+#: clone may put in one class before the thief calls the training collapsed.
+THIEF_LR = 0.1
+COLLAPSE_SHARE = 0.9
+
+
+def collapsed(clone: nn.Module, inputs: Tensor, answers: Tensor, device: str = "cpu") -> bool:
+    """Whether a clone's training diverged, judged as the thief can (no test labels): it
+    puts more than :data:`COLLAPSE_SHARE` of the thief's own queries in one class although
+    the answers' top classes are not that lopsided. A careful thief then retrains at a
+    tenth of the learning rate rather than keep a dead network; without this, answers that
+    merely destabilise the thief's recipe would count as protection."""
+    with torch.inference_mode():
+        predicted = torch.cat([clone(inputs[i:i + 1000].to(device)).argmax(dim=1).cpu()
+                               for i in range(0, len(inputs), 1000)])
+    classes = answers.shape[1]
+    share = predicted.bincount(minlength=classes).max().item() / len(predicted)
+    answer_share = answers.argmax(dim=1).bincount(minlength=classes).max().item() / len(answers)
+    return share > COLLAPSE_SHARE and answer_share < COLLAPSE_SHARE
+
+
 def run_one(
     lab: Lab, spec: DefenseSpec, pool: str, thief: str, seed: int, sweep: Sweep
 ) -> RunResult:
@@ -399,10 +422,16 @@ def run_one(
 
         train_inputs = inputs[:keep]
         train_answers, queries = smoothed_answers(query, train_inputs, SMOOTH_COPIES, seed)
-    clone = train_clone(
-        train_inputs, train_answers, arch=arch, epochs=sweep.clone_epochs, seed=seed,
-        hard_labels=thief == "labels", progress=lab.progress, device=lab.device,
-    )
+    def fit(lr: float) -> nn.Module:
+        return train_clone(
+            train_inputs, train_answers, arch=arch, epochs=sweep.clone_epochs, seed=seed,
+            hard_labels=thief == "labels", progress=lab.progress, device=lab.device, lr=lr,
+        )
+
+    clone = fit(THIEF_LR)
+    retrained = collapsed(clone, train_inputs, train_answers, lab.device)
+    if retrained:
+        clone = fit(THIEF_LR / 10)
     test_inputs, labels = lab.test_inputs, lab.test_labels
     with torch.inference_mode():
         logits = torch.cat([
@@ -424,6 +453,7 @@ def run_one(
         receivers=hist[1:].tolist(),
         wall_time_s=round(time.perf_counter() - started, 1),
         prior_clone_accuracy=(prior_predicted == labels).float().mean().item(),
+        retrained=retrained,
     )
 
 

@@ -286,13 +286,14 @@ def train_clone(
     planned_epochs: int | None = None,
     progress: bool = True,
     device: str = "cpu",
+    lr: float = 0.1,
 ) -> nn.Module:
     """A thief's clone: a fresh ``arch`` network (seeded) distilled on ``answers [N, K]`` to
     ``pool_inputs [N, C, H, W]``, with augmentation. Returned in eval mode."""
     set_seed(seed)
     model = build_model(arch, num_classes=answers.shape[1], in_channels=pool_inputs.shape[1])
-    return distill(model, pool_inputs, answers, epochs, planned_epochs=planned_epochs, seed=seed,
-                   hard_labels=hard_labels, progress=progress, device=device)
+    return distill(model, pool_inputs, answers, epochs, planned_epochs=planned_epochs, lr=lr,
+                   seed=seed, hard_labels=hard_labels, progress=progress, device=device)
 
 
 def train_surrogate(

@@ -15,6 +15,7 @@ from grad2.evaluate import (
     RunResult,
     Sweep,
     clone_at_drop,
+    collapsed,
     drop_table_cells,
     evaluate,
     markdown_table,
@@ -68,6 +69,30 @@ def test_drop_table_reads_each_seed_on_its_own_curve() -> None:
     assert "| 0.75 |" in table  # the top receiver took 3 of the 4 moved answers
     # goals: none 55 (mean of seeds), grad2 at a 1-point drop 35 -> a 20-point gain
     assert "| animal | grad2 | 1 | 35.0 ± 7.1 | +20.0 ✓ |" in table
+
+
+class _Constant(torch.nn.Module):
+    """Logits that always favour one class (a dead network)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.full((len(x),), 7), 10).float()
+
+
+class _FirstPixel(torch.nn.Module):
+    """Logits from the first pixel's value: predictions spread over the classes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bins = (x.flatten(1)[:, 0].clamp(0, 0.999) * 10).long()
+        return torch.nn.functional.one_hot(bins, 10).float()
+
+
+def test_collapse_is_judged_from_the_thiefs_own_queries() -> None:
+    inputs = torch.rand(200, 1, 4, 4)
+    spread = torch.softmax(torch.randn(200, 10), dim=1)
+    lopsided = torch.nn.functional.one_hot(torch.full((200,), 7), 10).float()
+    assert collapsed(_Constant(), inputs, spread)
+    assert not collapsed(_FirstPixel(), inputs, spread)
+    assert not collapsed(_Constant(), inputs, lopsided)  # it learned what it was told
 
 
 def test_prior_correction_is_neutral_for_a_uniform_prior_and_removes_a_bias() -> None:
