@@ -168,10 +168,10 @@ def headline_sweep() -> Sweep:
     """The committed run, sized for a 2-core machine, in order of importance (each stage on
     both pools before the next): the soft thief (4,000 queries, 8 clone epochs) against
     every defense, the headline families over :data:`HEADLINE_EPSILONS`, the others at
-    budget 0.5 or their own knobs; then seeds 1 and 2 of GRAD², misdirection and the
-    fixed-class control at budgets 0.25-0.7; then the adaptive thieves (labels only and
-    another architecture at budgets 0.5 and 0.7, smoothing at 0.5); last budget 1.0, where
-    every L1 defense flips most labels."""
+    budget 0.5 or their own knobs; then the adaptive thieves (labels only and another
+    architecture at budgets 0.5 and 0.7, smoothing at 0.5); then seeds 1 to 4 of GRAD²,
+    misdirection (alone and with the ensemble) and the fixed-class control at budgets
+    0.25-0.7; last budget 1.0, where every L1 defense flips most labels."""
     headline = {"none": (0.0,)} | {family: HEADLINE_EPSILONS for family in HEADLINE_FAMILIES}
     grid = headline | {
         "control_shuffled": (0.5,), "control_random_scores": (0.5,),
@@ -187,8 +187,9 @@ def headline_sweep() -> Sweep:
         extra_grid=extra,
         pool_size=4000,
         clone_epochs=8,
-        headline={"none": (0.0,)} | {family: (0.25, 0.5, 0.6, 0.7) for family in seeded},
-        headline_seeds=(1, 2),
+        headline={"none": (0.0,), "grad2_misdirect_ensemble": (0.25, 0.5, 0.7)}
+        | {family: (0.25, 0.5, 0.6, 0.7) for family in seeded},
+        headline_seeds=(1, 2, 3, 4),
         adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in adapted},
         adaptive_thieves=("labels", "arch"),
         smooth={"none": (0.0,)} | {family: (0.5,) for family in adapted},
@@ -468,8 +469,8 @@ def with_prior_rows(results: list[RunResult]) -> list[RunResult]:
 
 def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
     """Every clone the sweep needs, without repeats, most important first: the soft
-    thief over the grid (every pool), then extra seeds, then adaptive thieves, then the
-    extra budgets.
+    thief over the grid (every pool), then the adaptive thieves, then extra seeds, then
+    the extra budgets.
     ``prior`` needs no clone of its own (it reuses ``soft``), and an L1 family at
     budget 0 is ``none``."""
     runs: list[tuple[DefenseSpec, str, str, int]] = []
@@ -490,9 +491,9 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
                                 runs.append((spec, pool, thief, seed))
 
     add(sweep.grid, sweep.thieves, sweep.seeds)
-    add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
     add(sweep.smooth, ("smooth",), sweep.seeds)
+    add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.extra_grid, sweep.thieves, sweep.seeds)
     return runs
 
