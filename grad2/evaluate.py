@@ -753,7 +753,11 @@ def plot(results: list[RunResult], out: Path, victim_accuracy: float) -> None:
     summary = aggregate(results)
     for pool in sorted({k[0] for k in summary}):
         figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-        for family in sorted({k[2] for k in summary if k[:2] == (pool, "soft")}):
+        families = sorted({k[2] for k in summary if k[:2] == (pool, "soft")})
+        colours = plt.get_cmap("tab20")
+        for axis in (left, right):
+            axis.set_prop_cycle(color=[colours(i % 20) for i in range(len(families))])
+        for family in families:
             points = sorted(
                 (k[3], s) for k, s in summary.items() if k[:3] == (pool, "soft", family)
             )
@@ -768,7 +772,11 @@ def plot(results: list[RunResult], out: Path, victim_accuracy: float) -> None:
         for axis in (left, right):
             axis.set_ylabel("clone error (%)")
             axis.grid(alpha=0.3)
-        left.axvline(100 - victim_accuracy * 100, color="grey", lw=0.8)
+        victim_error = 100 - victim_accuracy * 100
+        left.axvline(victim_error, color="grey", lw=0.8)
+        # the useful region; budgets that flip most labels (defender error 10-99%) are off it
+        left.set_xlim(victim_error - 0.5, victim_error + 8)
+        left.set_title("defender accuracy drops of 0-8 points", fontsize=9)
         right.legend(fontsize=7, ncol=2)
         figure.suptitle(f"soft-label thief, pool {pool}")
         figure.tight_layout()
