@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from nets import tiny_net
 from scipy.stats import binom
-from torch import nn
 
 from grad2 import targets
 from grad2.defenses import GRAD2, NoDefense
@@ -43,16 +43,9 @@ def test_next_version_refuses_non_numeric() -> None:
         next_version("2.beta")
 
 
-def _tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(), nn.Linear(16, 10),
-    ).eval()
-
 
 def test_sweep_epsilon_measures_what_it_reports() -> None:
-    victim, surrogate = _tiny_net(0), _tiny_net(1)
+    victim, surrogate = tiny_net(0), tiny_net(1)
     inputs = torch.randn(64, 1, 28, 28)
     with torch.no_grad():
         clean = torch.softmax(3 * victim(inputs), dim=1)
@@ -83,10 +76,10 @@ def test_triggers_are_seeded_and_out_of_distribution_shaped() -> None:
 
 
 def test_secret_round_trip_and_verification(tmp_path) -> None:
-    surrogate = _tiny_net(2)
+    surrogate = tiny_net(2)
     target, secret = create(surrogate, count=12, seed=3)
     targets.check(target, surrogate)
-    _, again = create(_tiny_net(5), count=12, seed=3)
+    _, again = create(tiny_net(5), count=12, seed=3)
     np.testing.assert_array_equal(secret.labels, again.labels)  # no model decides a label
     loaded = Secret.load(secret.save(tmp_path / "secret.bin"))
     np.testing.assert_array_equal(loaded.triggers, secret.triggers)
@@ -99,7 +92,7 @@ def test_secret_round_trip_and_verification(tmp_path) -> None:
 
 
 def test_misdirect_is_the_watermark_gradient_of_the_shifted_labels() -> None:
-    surrogate = _tiny_net(4)
+    surrogate = tiny_net(4)
     references = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         shifted = (surrogate(references).argmax(1) + 3) % 10

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from nets import tiny_net
 
 from grad2 import targets
 from grad2.data import to_tensor
@@ -28,14 +28,6 @@ from grad2.watermark import (
     verify_scores,
     watermark_gain,
 )
-
-
-def _tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(), nn.Linear(16, 10),
-    ).eval()
 
 
 @pytest.mark.parametrize(("count", "num_classes"), [(1, 10), (3, 4), (4, 3)])
@@ -79,7 +71,7 @@ def test_both_tests_reject_innocent_models_at_their_exact_level() -> None:
     binomial_size = binomial_tail(4, count, 0.1)  # 0.0128 <= 0.05 < P(>= 3 matches)
     for model_seed in (0, 1):
         with torch.no_grad():
-            logits = _tiny_net(model_seed)(triggers).numpy()
+            logits = tiny_net(model_seed)(triggers).numpy()
         rng = np.random.default_rng(model_seed)
         rank_p, binom_p = [], []
         for labels in rng.integers(0, num_classes, size=(draws, count)):
@@ -127,7 +119,7 @@ def test_silhouette_triggers_are_seeded_filled_shapes() -> None:
 
 
 def test_focused_defense_spends_only_above_its_threshold_and_per_query() -> None:
-    surrogate = _tiny_net(3)
+    surrogate = tiny_net(3)
     target, _ = create(surrogate, count=4, seed=1)
     grad2 = GRAD2(surrogate, 1.0, target)
     x = torch.randn(64, 1, 28, 28)
@@ -146,7 +138,7 @@ def test_focused_defense_spends_only_above_its_threshold_and_per_query() -> None
 
 
 def test_equalized_target_is_the_mean_of_unit_norm_trigger_gradients() -> None:
-    surrogate = _tiny_net(6)
+    surrogate = tiny_net(6)
     triggers = torch.randn(5, 1, 28, 28)
     labels = torch.tensor([0, 3, 3, 9, 1])
     plain = targets.watermark(surrogate, triggers, labels)
@@ -160,7 +152,7 @@ def test_equalized_target_is_the_mean_of_unit_norm_trigger_gradients() -> None:
 
 
 def test_selected_triggers_are_the_least_sure_and_leave_the_labels_alone() -> None:
-    surrogate = _tiny_net(7)
+    surrogate = tiny_net(7)
     candidates = make_triggers(40, 11, style="silhouettes")
     chosen = select_ambiguous(candidates, surrogate, 5)
     with torch.no_grad():
@@ -175,7 +167,7 @@ def test_selected_triggers_are_the_least_sure_and_leave_the_labels_alone() -> No
 
 
 def test_contrastive_target_subtracts_the_labels_gradient_on_references() -> None:
-    surrogate = _tiny_net(8)
+    surrogate = tiny_net(8)
     triggers, references = torch.randn(3, 1, 28, 28), torch.randn(6, 1, 28, 28)
     labels = torch.tensor([2, 2, 7])
     contrastive = targets.watermark(surrogate, triggers, labels, references=references)
@@ -187,7 +179,7 @@ def test_contrastive_target_subtracts_the_labels_gradient_on_references() -> Non
 
 
 def test_neighbour_push_moves_trigger_lookalikes_to_their_label_within_budget() -> None:
-    surrogate = _tiny_net(9)
+    surrogate = tiny_net(9)
     _, secret = create(surrogate, count=4, seed=2, style="silhouettes")
     references = to_tensor(make_triggers(200, 5, style="silhouettes"))
     reference_probs = torch.softmax(torch.randn(200, 10), dim=1)
@@ -210,7 +202,7 @@ def test_neighbour_push_moves_trigger_lookalikes_to_their_label_within_budget() 
 def test_centred_target_gives_every_class_the_same_mean_score_on_references() -> None:
     from grad2.scores import redirection_scores
 
-    surrogate = _tiny_net(10)
+    surrogate = tiny_net(10)
     target, _ = create(surrogate, count=4, seed=4)
     references = torch.randn(32, 1, 28, 28)
     before = redirection_scores(surrogate, references, target).mean(dim=0)
