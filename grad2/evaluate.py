@@ -126,6 +126,9 @@ class Sweep:
     headline_seeds: tuple[int, ...] = ()
     #: Points for the smoothing thief (it queries each image several times).
     smooth: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: Points and extra seeds for the strongest adaptive thief (another architecture).
+    arch_seeded: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    arch_seeds: tuple[int, ...] = ()
 
 
 def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
@@ -171,7 +174,9 @@ def headline_sweep() -> Sweep:
     budget 0.5 or their own knobs; then the adaptive thieves (labels only and another
     architecture at budgets 0.5 and 0.7, smoothing at 0.5); then seeds 1 to 4 of GRAD²,
     misdirection (alone and with the ensemble) and the fixed-class control at budgets
-    0.25-0.7; last budget 1.0, where every L1 defense flips most labels."""
+    0.25-0.7, and seeds 1 and 2 of the other-architecture thief against GRAD²,
+    misdirection and the control; last budget 1.0, where every L1 defense flips most
+    labels."""
     headline = {"none": (0.0,)} | {family: HEADLINE_EPSILONS for family in HEADLINE_FAMILIES}
     grid = headline | {
         "control_shuffled": (0.5,), "control_random_scores": (0.5,),
@@ -193,6 +198,8 @@ def headline_sweep() -> Sweep:
         adaptive={"none": (0.0,)} | {family: (0.5, 0.7) for family in adapted},
         adaptive_thieves=("labels", "arch"),
         smooth={"none": (0.0,)} | {family: (0.5,) for family in adapted},
+        arch_seeded={"none": (0.0,)} | {family: (0.5, 0.7) for family in seeded},
+        arch_seeds=(1, 2),
     )
 
 
@@ -494,6 +501,7 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
     add(sweep.adaptive, sweep.adaptive_thieves, sweep.seeds)
     add(sweep.smooth, ("smooth",), sweep.seeds)
     add(sweep.headline, ("soft",), sweep.headline_seeds)
+    add(sweep.arch_seeded, ("arch",), sweep.arch_seeds)
     add(sweep.extra_grid, sweep.thieves, sweep.seeds)
     return runs
 
@@ -798,8 +806,9 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         sweep.adaptive = {k: v for k, v in sweep.adaptive.items() if k in args.defenses}
         sweep.headline = {k: v for k, v in sweep.headline.items() if k in args.defenses}
         sweep.smooth = {k: v for k, v in sweep.smooth.items() if k in args.defenses}
+        sweep.arch_seeded = {k: v for k, v in sweep.arch_seeded.items() if k in args.defenses}
     if args.no_adaptive:
-        sweep.adaptive, sweep.headline, sweep.smooth = {}, {}, {}
+        sweep.adaptive, sweep.headline, sweep.smooth, sweep.arch_seeded = {}, {}, {}, {}
     if args.clone_epochs:
         sweep.clone_epochs = args.clone_epochs
     if args.pool_size:
