@@ -3,10 +3,9 @@
 Trains (or loads from the cache) the Fashion-MNIST victim and its early-stopped
 surrogate, tunes epsilon on a held-out validation split, archives version 1.0 (no
 defense) and version 2.0 (GRAD² with the misdirection target, tuned epsilon) of one model,
-serves both on TorchServe
-with token authorization on, shows undefended and defended answers side by side, runs a
-live thief against each version through the standard inference API, prints and plots
-the outcome, and stops the server.
+serves both on TorchServe with token authorization on, shows undefended and defended
+answers side by side, runs a live thief against each version through the standard
+inference API, prints and plots the outcome, and stops the server.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def run_demo(out: Path, budget: int, clone_epochs: int, max_drop: float) -> dict
     # The misdirection target (clones pushed toward the labelling k -> k+1), the GRAD²
     # target that met the evaluation's goals (docs/results.md); computed once, cached.
     target = lab.misdirect_target("animal")
-    target_path = lab.folder / "models" / "misdirect_animal.pt"
+    target_path = lab.misdirect_path("animal")
     print(f"victim test accuracy: {100 * lab.victim_accuracy:.2f}%")
 
     _say(f"2/6 tuning epsilon on 2,000 held-out images (accuracy drop <= {max_drop:g} pt)")

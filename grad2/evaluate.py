@@ -305,10 +305,14 @@ class Lab:
             raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
         return builders[family]()
 
+    def misdirect_path(self, pool: str, ensemble: bool = False) -> Path:
+        """Where :meth:`misdirect_target` caches its tensor file (archives pack it)."""
+        return self.folder / "models" / f"misdirect_{pool}{'_ensemble' if ensemble else ''}.pt"
+
     def misdirect_target(self, pool: str, ensemble: bool = False) -> dict[str, Tensor]:
         """The fixed misdirection target, from the surrogate (or the ensemble) on 2,000
         pool images."""
-        path = self.folder / "models" / f"misdirect_{pool}{'_ensemble' if ensemble else ''}.pt"
+        path = self.misdirect_path(pool, ensemble)
         surrogate = self.ensemble(pool) if ensemble else self.surrogate(pool)
         if path.exists():
             return targets.load(path, surrogate)
@@ -621,12 +625,14 @@ def clone_at_drop(points: list[tuple[float, float]], drop: float) -> float:
 
 
 def drop_table_cells(results: list[RunResult], victim_accuracy: float, pool: str, thief: str,
-                     family: str) -> list[tuple[float, float]]:
+                     family: str, summary: dict[tuple, dict[str, float]] | None = None,
+                     ) -> list[tuple[float, float]]:
     """Clone accuracy (%) at each of :data:`DROPS`: mean and std over seeds, each seed's
     curve interpolated on its own over the knobs every such seed has (a seed with a single
     knob, e.g. only the shared ``none`` run, has no curve); with fewer than two such seeds,
-    the curve of seed means over every knob (std NaN)."""
-    summary = aggregate(results)
+    the curve of seed means over every knob (std NaN). ``summary``: ``aggregate(results)``
+    when the caller has it already."""
+    summary = aggregate(results) if summary is None else summary
     knobs = {k[3] for k in summary if k[:3] == (pool, thief, family)}
     drop_at = {k[3]: victim_accuracy * 100 - s["defender"]
                for k, s in summary.items() if k[:3] == (pool, thief, family)}
@@ -670,7 +676,8 @@ GOAL_GAIN = {"animal": 10.0, "fashion_heldout": 5.0}
 GRAD2_VARIANTS = ("grad2", "grad2_misdirect")
 
 
-def goal_lines(results: list[RunResult], victim_accuracy: float) -> list[str]:
+def goal_lines(results: list[RunResult], victim_accuracy: float,
+               summary: dict[tuple, dict[str, float]] | None = None) -> list[str]:
     """The goals, checked from the runs: per pool and GRAD² variant, the clone accuracy
     at defender drops of 0.5, 1 and 2 points (soft and prior-correcting thieves, mean ±
     std over seeds), the gain over no defense, and the best other defense or control."""
@@ -678,17 +685,22 @@ def goal_lines(results: list[RunResult], victim_accuracy: float) -> list[str]:
              "", "| pool | defense | drop | clone | gain | prior clone | prior gain | gain kept"
              " | best other defense at this drop (soft) |", "|---" * 9 + "|"]
     families = {(r.pool, r.defense) for r in results if r.thief == "soft"}
+    summary = aggregate(results) if summary is None else summary
+
+    def cells(pool: str, thief: str, family: str) -> list[tuple[float, float]]:
+        return drop_table_cells(results, victim_accuracy, pool, thief, family, summary)
+
     for pool in sorted({r.pool for r in results}):
-        base = {thief: drop_table_cells(results, victim_accuracy, pool, thief, "none")[0][0]
+        base = {thief: cells(pool, thief, "none")[0][0]
                 for thief in ("soft", "prior")}
-        others = {family: drop_table_cells(results, victim_accuracy, pool, "soft", family)
+        others = {family: cells(pool, "soft", family)
                   for p, family in families
                   if p == pool and family not in (*GRAD2_VARIANTS, "none")}
         for family in GRAD2_VARIANTS:
             if (pool, family) not in families:
                 continue
-            soft = drop_table_cells(results, victim_accuracy, pool, "soft", family)
-            prior = drop_table_cells(results, victim_accuracy, pool, "prior", family)
+            soft = cells(pool, "soft", family)
+            prior = cells(pool, "prior", family)
             for index, drop in enumerate(DROPS[:3]):
                 gain, prior_gain = base["soft"] - soft[index][0], base["prior"] - prior[index][0]
                 rivals = {f: c[index][0] for f, c in others.items() if not math.isnan(c[index][0])}
@@ -706,7 +718,7 @@ def goal_lines(results: list[RunResult], victim_accuracy: float) -> list[str]:
 def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
     summary = aggregate(results)
     lines = [f"Victim test accuracy: {victim_accuracy * 100:.2f}%", ""]
-    lines += goal_lines(results, victim_accuracy)
+    lines += goal_lines(results, victim_accuracy, summary)
     for pool in sorted({k[0] for k in summary}):
         for thief in sorted({k[1] for k in summary if k[0] == pool}):
             families = sorted({k[2] for k in summary if k[:2] == (pool, thief)})
@@ -719,7 +731,7 @@ def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
                 "| --- | " + " | ".join("---" for _ in DROPS) + " | --- |",
             ]
             for family in families:
-                cells = drop_table_cells(results, victim_accuracy, pool, thief, family)
+                cells = drop_table_cells(results, victim_accuracy, pool, thief, family, summary)
                 knobs = sum(1 for k in summary if k[:3] == (pool, thief, family))
                 lines.append(f"| {family} | {' | '.join(_cell(*c) for c in cells)} | {knobs} |")
             lines.append("")

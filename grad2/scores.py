@@ -6,8 +6,9 @@ computations are offered (they agree to numerical precision; the tests check it)
 
 - ``"jvp"``: forward mode (``torch.autograd.forward_ad`` dual parameters through
   ``torch.func.functional_call``); one pass, about two to three forward passes of cost,
-  independent of ``K``. Batch-norm, max-pool, ReLU and first-layer convolutions use the
-  cheaper forward-mode rules of :mod:`grad2.fast_tangents`.
+  independent of ``K``. ``"jvp_cheap"`` is the same with the cheaper forward-mode rules
+  of :mod:`grad2.fast_tangents` for batch-norm, max-pool, ReLU and first-layer
+  convolutions (opt-in: faster at batch 16-32, slower for a lone query).
 - ``"double_backward"``: reverse over reverse, ``∂⟨∇_θ Σ u·ℓ, t⟩/∂u``, the way the
   authors' code computes it.
 - ``"finite_difference"``: a central difference of two plain forward passes along ``t``.

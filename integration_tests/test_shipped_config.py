@@ -54,6 +54,17 @@ def test_shipped_config_keeps_the_service_private() -> None:
     assert properties.get("enable_envvars_config", "false") == "false"  # TS_* cannot override
 
 
+def generated_from(folder: Path, template_text: str) -> dict[str, str]:
+    """The properties ``grad2 serve`` generates from a template with this text, parsed
+    as Java reads them (fixed ports 18080-18082, 17070-17071)."""
+    template = folder / "config.properties"
+    template.write_text(template_text)
+    ports = Ports(18080, 18081, 18082, 17070, 17071)
+    written = write_server_config(template, folder / "generated.properties", "127.0.0.1",
+                                  ports)
+    return java_properties(written.read_text())
+
+
 @pytest.mark.parametrize(
     "edits",
     [
@@ -81,13 +92,8 @@ def test_generated_config_forces_tokens_loopback_and_no_model_api(
         key = line.split("=", 1)[0].strip()
         lines.append(edits.get(key, line))
     lines.append("enable_model_api=true")  # a later line would win in Java
-    template = tmp_path / "config.properties"
-    template.write_text("\n".join(lines) + "\n")
     (tmp_path / "metrics.yaml").write_text("model_metrics: {}\n")
-    ports = Ports(18080, 18081, 18082, 17070, 17071)
-    written = write_server_config(template, tmp_path / "generated.properties", "127.0.0.1",
-                                  ports)
-    properties = java_properties(written.read_text())
+    properties = generated_from(tmp_path, "\n".join(lines) + "\n")
     assert properties["disable_token_authorization"] == "false"
     assert properties["enable_model_api"] == "false"
     for key, port in zip(ADDRESS_KEYS, (18080, 18081, 18082)):
@@ -121,17 +127,12 @@ def test_running_server_listens_on_loopback_only(server) -> None:
 def test_generated_config_wins_over_colon_separated_and_env_overrides(tmp_path) -> None:
     """Java also splits ``key:value`` and ``key value``: such template lines must not slip
     a public address or the model API past ``grad2 serve``, nor may TS_* variables."""
-    template = tmp_path / "config.properties"
-    template.write_text(
+    properties = generated_from(tmp_path, (
         "inference_address:http://0.0.0.0:8080/?a=b\n"
         "enable_model_api true\n"
         "disable_token_authorization : true\n"
         "enable_envvars_config=true\n"
-    )
-    ports = Ports(18080, 18081, 18082, 17070, 17071)
-    written = write_server_config(template, tmp_path / "generated.properties", "127.0.0.1",
-                                  ports)
-    properties = java_properties(written.read_text())
+    ))
     assert properties["inference_address"] == "http://127.0.0.1:18080"
     assert properties["enable_model_api"] == "false"
     assert properties["disable_token_authorization"] == "false"
