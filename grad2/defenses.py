@@ -24,6 +24,7 @@ from torch.func import functional_call, jacrev, vmap
 from grad2 import targets
 from grad2.config import ConfigError, DefenseConfig
 from grad2.redirect import redirect, separate_top
+from grad2.scores import METHODS as SCORE_METHODS
 from grad2.scores import Target, redirection_scores, tangent_like
 
 #: How far a top-1-preserving answer keeps the clean top class above every other class,
@@ -170,7 +171,8 @@ class GRAD2(_Redirection):
         epsilon: L1 budget in ``[0, 2]``.
         target: ``"all_ones"``, ``"min_ip"`` (recomputed per batch), or a tensor dict
             keyed like ``surrogate.named_parameters()`` (watermark, random, from file).
-        score_method: ``"jvp"``, ``"double_backward"`` or ``"finite_difference"``.
+        score_method: one of :data:`grad2.scores.METHODS` (``"jvp"``, ``"jvp_cheap"``,
+            ``"double_backward"``, ``"finite_difference"``).
         preserve_top1: never flip the clean top-1 label.
     """
 
@@ -201,8 +203,9 @@ class GRAD2(_Redirection):
             raise ValueError(
                 f"target must be 'all_ones', 'min_ip' or a tensor dict, got {target!r}"
             )
-        if score_method not in ("jvp", "double_backward", "finite_difference"):
-            raise ValueError(f"unknown score method {score_method!r}")
+        if score_method not in SCORE_METHODS:
+            raise ValueError(f"unknown score method {score_method!r}; "
+                             f"known: {', '.join(SCORE_METHODS)}")
 
     @classmethod
     def from_config(cls, config, surrogate, target) -> GRAD2:

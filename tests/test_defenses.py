@@ -30,6 +30,7 @@ from grad2.defenses import (
     Rounding,
     ShuffledScores,
     Top1,
+    build_defense,
 )
 from grad2.redirect import redirect
 from grad2.scores import redirection_scores
@@ -468,3 +469,26 @@ def defense_batch_mismatches():
 def test_grad2_answer_is_independent_of_batch_mates(defense_batch_mismatches, dtype, target,
                                                     top1):
     assert defense_batch_mismatches[f"{dtype}-{target}-top1={top1}"] == 0
+
+
+def test_every_configurable_score_method_builds_and_agrees() -> None:
+    """``defense.scores`` accepts what the library computes (one list, checked both ways),
+    and GRAD² answers alike with each method on a small BN CNN (float64)."""
+    from grad2.config import SCORE_METHODS
+    from grad2.scores import METHODS
+
+    assert SCORE_METHODS == METHODS
+    torch.manual_seed(0)
+    surrogate = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 13 * 13, 10),
+    ).double().eval()
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    probs = torch.softmax(2 * torch.randn(8, 10, dtype=torch.float64), dim=1)
+    answers = {
+        method: build_defense({"method": "grad2", "epsilon": 0.5, "scores": method,
+                               "surrogate": "surrogate.pt"}, surrogate)(x, probs)
+        for method in METHODS
+    }
+    for method, answer in answers.items():
+        torch.testing.assert_close(answer, answers["jvp"], rtol=0, atol=1e-9, msg=method)
