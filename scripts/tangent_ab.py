@@ -1,0 +1,92 @@
+"""Interleaved A/B of the two JVP rules, ``jvp`` against ``jvp_cheap`` (docs/performance.md,
+"Cheaper tangents").
+
+For one architecture and each batch size: the victim's forward alone, one plain forward
+of the surrogate, victim + GRAD² and the JVP scores, each with both rules, timed in
+interleaved rounds on one thread; prints medians (ms) and the medians of per-round ratios.
+A lone query's JVP runs as a batch of two, as the library does.
+
+Run: ``.venv/bin/python scripts/tangent_ab.py small_cnn 1,28,28 1,16,32 25``
+(also ``wide_cnn``, ``torchvision:resnet18 3,32,32``, ``torchvision:mobilenet_v3_small
+3,32,32``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from grad2 import targets
+from grad2.bench import victim_forward
+from grad2.defenses import GRAD2
+from grad2.models import build_model
+from grad2.scores import redirection_scores
+
+RULES = ("jvp", "jvp_cheap")
+
+
+def timed_rounds(items: dict[str, Callable[[], object]], rounds: int, calls: int
+                 ) -> dict[str, list[float]]:
+    """Per item, the mean ms of ``calls`` calls in each of ``rounds`` interleaved rounds."""
+    for item in items.values():
+        for _ in range(3):
+            item()
+    times: dict[str, list[float]] = {name: [] for name in items}
+    for _ in range(rounds):
+        for name, item in items.items():
+            began = time.perf_counter()
+            for _ in range(calls):
+                item()
+            times[name].append((time.perf_counter() - began) / calls * 1e3)
+    return times
+
+
+def ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
+    """Median over rounds of ``top / bottom`` measured in the same round."""
+    return statistics.median(a / b for a, b in zip(times[top], times[bottom], strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("arch")
+    parser.add_argument("shape", help="C,H,W of one input")
+    parser.add_argument("batches", help="e.g. 1,16,32")
+    parser.add_argument("rounds", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    shape = tuple(int(part) for part in args.shape.split(","))
+    torch.manual_seed(0)
+    victim = build_model(args.arch, 10, shape[0]).eval()
+    torch.manual_seed(1)
+    surrogate = build_model(args.arch, 10, shape[0]).eval()
+    target = targets.all_ones(surrogate)
+    defenses = {rule: GRAD2(surrogate, 0.5, target, score_method=rule) for rule in RULES}
+    for batch in (int(part) for part in args.batches.split(",")):
+        x = torch.randn(batch, *shape)
+
+        def forward(x: torch.Tensor = x) -> torch.Tensor:
+            with torch.no_grad():
+                return surrogate(torch.cat([x, x]) if len(x) == 1 else x)
+
+        items: dict[str, Callable[[], object]] = {
+            "victim": lambda x=x: victim_forward(victim, x), "forward": forward}
+        for rule in RULES:
+            items[f"defended {rule}"] = (
+                lambda x=x, d=defenses[rule]: d(x, victim_forward(victim, x)))
+            items[f"scores {rule}"] = (
+                lambda x=x, r=rule: redirection_scores(surrogate, x, target, r))
+        times = timed_rounds(items, args.rounds, max(2, 64 // batch))
+
+        medians = " ".join(f"{name} {statistics.median(t):.2f}" for name, t in times.items())
+        ratios = " ".join(
+            f"{rule}: scores/forward {ratio(times, f'scores {rule}', 'forward'):.2f}, "
+            f"defended/victim {ratio(times, f'defended {rule}', 'victim'):.2f};" for rule in RULES)
+        print(f"{args.arch} B={batch}: {medians} ms | {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
