@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from grad2.attack import encode_png
 from grad2.models import build_model, load_checkpoint, save_checkpoint
+from grad2.scores import METHODS
 from grad2.serving import Ports, TorchServeServer, build_archive, start_server, stop_server
 
 MODELS = ("plain", "defended")
@@ -132,13 +133,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def build_store(folder: Path, victim: Path, surrogate: Path, batch_size: int,
-                epsilon: float, batch_invariant: bool) -> Path:
+                epsilon: float, batch_invariant: bool, scores: str = "jvp") -> Path:
     """``plain`` and ``defended`` archives of ``victim`` with ``batchSize`` ``batch_size``."""
     store = folder / f"store_b{batch_size}"
     defenses = {
         "plain": ({"method": "none"}, None),
         "defended": ({"method": "grad2", "epsilon": epsilon, "target": "all_ones",
-                      "surrogate": "surrogate.pt", "scores": "jvp"}, surrogate),
+                      "surrogate": "surrogate.pt", "scores": scores}, surrogate),
     }
     for name, (defense, surrogate_file) in defenses.items():
         config = folder / f"{name}_b{batch_size}.yaml"
@@ -306,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         levels = []
         for concurrency in args.concurrency:
             store = build_store(folder, Path(victim), Path(surrogate), concurrency,
-                                args.epsilon, not args.batched_victim)
+                                args.epsilon, not args.batched_victim, args.scores)
             levels.append(measure_level(
                 folder, store, concurrency, images, args.requests, args.rounds,
                 args.warmup or max(4 * concurrency, 100), not args.no_progress))
@@ -359,6 +360,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, help="requests per model before timing "
                         "(default max(4 x concurrency, 100))")
     parser.add_argument("--epsilon", type=float, default=0.5)
+    parser.add_argument("--scores", choices=METHODS, default="jvp",
+                        help="the defended archive's defense.scores (default jvp)")
     parser.add_argument("--arch", default="small_cnn", help="victim and surrogate architecture "
                         "when no checkpoints are given (random weights: cost only)")
     parser.add_argument("--victim", type=Path, help="victim checkpoint (default: random)")
