@@ -57,8 +57,12 @@ def printed_numbers(text: str) -> Iterator[tuple[str, float, float]]:
         mantissa, _, exponent = token.lower().partition("e")
         if len(mantissa.lstrip("+-").replace(".", "").lstrip("0")) < MIN_DIGITS:
             continue
-        decimals = len(mantissa.partition(".")[2])
-        yield token, float(token), 10.0 ** (int(exponent or 0) - decimals)
+        scale = int(exponent or 0) - len(mantissa.partition(".")[2])
+        # Hex identifiers in log lines (request ids) hold digit runs such as "123456e7890".
+        # A last digit worth more than 1 cannot pin a probability, and 10 ** 7890 overflows.
+        if not -340 < scale <= 0:
+            continue
+        yield token, float(token), 10.0**scale
 
 
 def leaks(text: str, secrets: np.ndarray) -> list[str]:
@@ -70,6 +74,14 @@ def leaks(text: str, secrets: np.ndarray) -> list[str]:
         if at < len(secrets) and secrets[at] <= value + unit:
             found.append(f"{token} (secret {secrets[at]!r})")
     return found
+
+
+def test_printed_numbers_skips_digit_runs_of_identifiers() -> None:
+    text = 'id 9f1234567e89012a3 p=0.1234567 n=1234567 "x": 1.234567e-05'
+    assert [token for token, _, _ in printed_numbers(text)] == [
+        "0.1234567", "1234567", "1.234567e-05"]
+    assert [found.split()[0] for found in leaks(text, np.array([0.12345671]))] == ["0.1234567"]
+    assert leaks("123456e-999999 1e999999", np.array([0.0])) == []
 
 
 def twin_line(line: str) -> bool:
