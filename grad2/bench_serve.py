@@ -367,8 +367,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--victim", type=Path, help="victim checkpoint (default: random)")
     parser.add_argument("--surrogate", type=Path, help="surrogate checkpoint (default: random)")
     parser.add_argument("--batched-victim", action="store_true",
-                        help="handler.batch_invariant false: the victim runs on the whole "
-                        "batch at once (default: image by image, bit-identical answers)")
+                        help="handler.batch_invariant false: victim and defense run on "
+                        "each batch as it comes (default: in the probed batch sizes, "
+                        "bit-identical answers)")
     parser.add_argument("--images", type=int, default=256, help="distinct query images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("runs/bench_serve.json"))

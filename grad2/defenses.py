@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from grad2 import targets
+from grad2.batching import invariant_map, probe_sizes
 from grad2.config import ConfigError, DefenseConfig
 from grad2.redirect import redirect, separate_top
 from grad2.scores import METHODS as SCORE_METHODS
@@ -37,6 +38,12 @@ class Defense(ABC):
 
     #: The ``defense.method`` name that selects this class, if any.
     method: ClassVar[str | None] = None
+    #: Whether each answer is a function of its own row, computed by a network whose CPU
+    #: kernels depend on the batch size (:meth:`network_rows`): then :meth:`plan_batches`
+    #: applies.
+    plans_batches: bool = False
+    #: The batch sizes answers are computed in (see :meth:`plan_batches`); ``None``: as given.
+    batch_sizes: tuple[int, ...] | None = None
 
     def __call__(self, x: Tensor, probs: Tensor) -> Tensor:
         """Defended probabilities ``[B, K]`` for inputs ``x`` ``[B, ...]``."""
@@ -46,7 +53,35 @@ class Defense(ABC):
             )
         if not torch.isfinite(probs).all():
             raise ValueError("probs has non-finite values")
-        return self.defend(x, probs.detach())
+        if self.batch_sizes is None:
+            return self.defend(x, probs.detach())
+        return invariant_map(self.defend, (x, probs.detach()), self.batch_sizes)
+
+    def plan_batches(self, x: Tensor, probs: Tensor, max_batch: int) -> tuple[int, ...] | None:
+        """Make every later answer the one its query gets as a pair with itself, whatever
+        its batch-mates: probe which batch sizes up to ``max_batch`` give every row that
+        answer, then defend in chunks of those sizes (:mod:`grad2.batching`).
+
+        Args:
+            x: example inputs ``[N, ...]``, ``N >= max_batch``.
+            probs: their clean probabilities ``[N, K]``.
+            max_batch: the largest batch the defense will be given.
+
+        Returns:
+            The sizes found, or ``None`` when this defense needs no plan.
+        """
+        if not self.plans_batches:
+            return None
+        # The network's raw output is probed, not the answer: a kernel's other last bits
+        # show in every row there, while an answer hides them whenever they move no mass.
+        self.batch_sizes = None
+        self.batch_sizes = probe_sizes(self.network_rows, (x, probs.detach()), max_batch)
+        return self.batch_sizes
+
+    def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
+        """``[B, ...]``: the network computation whose bits an answer follows (only for
+        defenses with :attr:`plans_batches`)."""
+        raise NotImplementedError(f"{type(self).__name__} runs no network")
 
     @abstractmethod
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
@@ -191,6 +226,7 @@ class GRAD2(_Redirection):
             raise ValueError("GRAD2 needs a surrogate nn.Module")
         self.surrogate = surrogate.eval()
         self.score_method = score_method
+        self.plans_batches = target != "min_ip"  # min_ip answers depend on the batch by design
         if target == "min_ip":
             self.target_name, self.target = "min_ip", None
         elif target == "all_ones":
@@ -232,6 +268,9 @@ class GRAD2(_Redirection):
                 f"surrogate gives {scores.shape[-1]} classes, the victim {probs.shape[-1]}"
             )
         return scores.to(probs.dtype)
+
+    def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
+        return self.scores(x, probs)
 
 
 def _push_scores(probs: Tensor, receivers: Tensor) -> Tensor:
@@ -316,6 +355,7 @@ class MAD(Defense):
 
     method = "mad"
     keep_top1: ClassVar[bool] = False
+    plans_batches = True
 
     def __init__(self, surrogate: nn.Module, epsilon: float) -> None:
         if not isinstance(surrogate, nn.Module):
@@ -342,6 +382,9 @@ class MAD(Defense):
         with torch.enable_grad():
             jacobian = vmap(jacrev(log_probs), in_dims=(None, 0))(last, x)
         return torch.cat([jacobian[n].flatten(2) for n in self.last_layer], dim=2).detach()
+
+    def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
+        return self.last_layer_jacobian(x.clone() if x.is_inference() else x)
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
         if self.epsilon == 0:

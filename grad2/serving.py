@@ -153,17 +153,19 @@ def stage_archive_files(
 
 
 def smoke_test(model_dir: Path, raw_config: Mapping[str, Any], batch_size: int = 2) -> None:
-    """Load ``model_dir`` as a worker would and defend one batch of blank images;
-    raises :class:`ConfigError` if the defense cannot answer."""
+    """Load ``model_dir`` as a worker would (batch plan included) and defend one batch of
+    blank images; raises :class:`ConfigError` if the defense cannot answer."""
     served = load_served_model(model_dir, raw_config)
     spec = served.input_config
     pixels = torch.full((batch_size, spec.channels, spec.height, spec.width), 0.5)
     x = normalise(pixels, spec)
-    probs = clean_probabilities(served.victim, x, served.batch_invariant)
+    probs = clean_probabilities(served.victim, x, served.victim_sizes)
     if probs.shape[1] != len(served.class_names):
         raise ConfigError("victim", f"gives {probs.shape[1]} classes, expected "
                           f"{len(served.class_names)}")
+    max_batch = raw_config.get("batchSize", 1)
     try:
+        served.plan_batches(max_batch if isinstance(max_batch, int) else 1)
         with torch.enable_grad():
             defended = served.defense(x, probs)
         check_defended(defended, probs)

@@ -36,6 +36,7 @@ import torch
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from grad2.batching import invariant_map, probe_sizes
 from grad2.config import ConfigError, DefenseConfig, InputConfig
 
 #: Raster formats accepted from clients. Formats that run external programs or parse
@@ -488,8 +489,36 @@ class ServedModel:
     input_config: InputConfig
     class_names: list[str]
     surrogate: torch.nn.Module | None = None
-    #: Run the victim one image at a time (see :func:`clean_probabilities`).
+    #: Make every answer independent of its batch-mates (``handler.batch_invariant``).
     batch_invariant: bool = True
+    #: Batch sizes at which each victim row equals its pair reference, found by
+    #: :meth:`plan_batches`; until then every row runs as a pair with itself.
+    victim_batch_sizes: tuple[int, ...] = ()
+
+    @property
+    def victim_sizes(self) -> tuple[int, ...] | None:
+        """The ``batch_sizes`` argument of :func:`clean_probabilities` for this model."""
+        return self.victim_batch_sizes if self.batch_invariant else None
+
+    def plan_batches(self, max_batch: int, seed: int = 0) -> dict[str, tuple[int, ...] | None]:
+        """With ``batch_invariant``, find the batch sizes up to ``max_batch`` at which the
+        victim and the defense give each row its pair-reference result, on seeded random
+        inputs of the model's shape (:mod:`grad2.batching`), and use only those from now
+        on. Returns the sizes found, by part (empty without ``batch_invariant``)."""
+        if not self.batch_invariant or max_batch < 2:
+            return {}
+        spec = self.input_config
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.rand((max_batch, spec.channels, spec.height, spec.width),
+                            generator=generator)
+        x = normalise(pixels, spec)
+        self.victim_batch_sizes = probe_sizes(
+            lambda rows: clean_probabilities(self.victim, rows, None), (x,), max_batch
+        )
+        probs = clean_probabilities(self.victim, x, self.victim_sizes)
+        with torch.enable_grad():
+            defense_sizes = self.defense.plan_batches(x, probs, max_batch)
+        return {"victim": self.victim_batch_sizes, "defense": defense_sizes}
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
@@ -595,21 +624,19 @@ def read_batch_invariant(model_config: Mapping[str, Any]) -> bool:
 
 
 def clean_probabilities(
-    victim: torch.nn.Module, x: torch.Tensor, batch_invariant: bool = True
+    victim: torch.nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] | None = ()
 ) -> torch.Tensor:
     """``softmax(victim(x))`` ``[B, K]`` in float32, under ``no_grad`` (not
     ``inference_mode``, so the defense may still differentiate through ``x``).
 
-    With ``batch_invariant`` the victim sees one image at a time: CPU kernels pick other
-    summation orders for other batch sizes (a small CNN's logits moved by ~1e-7 between
-    batch 1 and 32), and TorchServe's batches depend on traffic, so only this makes each
-    answer a bit-exact function of its image alone. It costs 1.2-2x the victim's batched
-    time; ``handler: {batch_invariant: false}`` trades that guarantee for throughput."""
+    ``batch_sizes`` makes each row's result independent of its batch-mates: the victim
+    sees chunks of those sizes only and a lone row as a pair with itself
+    (:func:`grad2.batching.invariant_map`; ``()``: every row as a pair). CPU kernels pick
+    other summation orders for other batch sizes (a small CNN's logits moved by ~1e-7
+    between batch 1 and 32) and TorchServe's batches depend on traffic. ``None`` runs the
+    batch as it comes (``handler: {batch_invariant: false}``)."""
     with torch.no_grad():
-        if batch_invariant and x.shape[0] > 1:
-            logits = torch.cat([victim(x[i : i + 1]) for i in range(x.shape[0])])
-        else:
-            logits = victim(x)
+        logits = victim(x) if batch_sizes is None else invariant_map(victim, (x,), batch_sizes)
     return torch.softmax(logits.float(), dim=1)
 
 

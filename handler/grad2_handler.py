@@ -27,6 +27,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from grad2 import serving_io
+from grad2.batching import describe_sizes
 from grad2.config import InputConfig
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Grad2Handler(BaseHandler):
         # serving_io.decode_image makes before decoding.
         max_side = self.served.input_config.max_side
         Image.MAX_IMAGE_PIXELS = max_side * max_side
+        self._plan_batches(int(context.system_properties.get("batch_size") or 1))
         self.device = torch.device("cpu")
         self.map_location = "cpu"
         self.model = self.served.victim
@@ -155,8 +157,9 @@ class Grad2Handler(BaseHandler):
     def inference(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Clean probabilities ``[N, K]`` = ``softmax(victim(x))`` (never answered as is).
         Runs under ``no_grad``, not ``inference_mode``, so the defense may differentiate
-        through ``x``; image by image unless ``handler.batch_invariant`` is false."""
-        return serving_io.clean_probabilities(self.model, x, self.served.batch_invariant)
+        through ``x``; in the planned batch sizes unless ``handler.batch_invariant`` is
+        false."""
+        return serving_io.clean_probabilities(self.model, x, self.served.victim_sizes)
 
     def postprocess(self, x: torch.Tensor, probs: torch.Tensor) -> list[dict[str, Any]] | None:
         """Defend the whole batch once and encode one answer per image; ``None`` when the
@@ -211,6 +214,20 @@ class Grad2Handler(BaseHandler):
         return serving_io.error_body(403, EXPLAIN_REFUSED)
 
     # ------------------------------------------------------------------ helpers
+
+    def _plan_batches(self, max_batch: int) -> None:
+        """Probe which batch sizes keep every answer independent of its batch-mates."""
+        started = time.perf_counter()
+        planned = self.served.plan_batches(max_batch)
+        if planned:
+            logger.info(
+                "batch sizes up to %d with batch-independent rows (probed in %.1f s): "
+                "victim %s; defense %s",
+                max_batch,
+                time.perf_counter() - started,
+                describe_sizes(planned["victim"]),
+                "needs none" if planned["defense"] is None else describe_sizes(planned["defense"]),
+            )
 
     def _deliver(
         self,

@@ -1,10 +1,11 @@
 """Per-batch handler time with and without the defense, from TorchServe's own metrics.
 
 Serves one small_cnn victim four ways (GRAD² epsilon 0.5 and ``method: none``, each with
-the victim run image by image — ``handler.batch_invariant`` true, the default — and
-batched), sends lone requests (batch 1) and bursts of 32 concurrent requests
-(batchSize 32), then reads the handler's ``HandlerTime``/``DefenseTime`` and
-``DefendedAnswers`` (the batch size) lines from the server's ``ts_log.log``.
+``handler.batch_invariant`` true, the default — victim and defense in the batch sizes
+probed at load — and false, each batch as it comes), sends lone requests (batch 1) and
+bursts of 32 concurrent requests (batchSize 32), then reads the handler's
+``HandlerTime``/``DefenseTime`` and ``DefendedAnswers`` (the batch size) lines from the
+server's ``ts_log.log``.
 
 Run: ``.venv/bin/python integration_tests/bench_handler.py [--rounds 20] [--arch small_cnn]``
 (about two minutes on 2 cores). Not collected by pytest.

@@ -1,6 +1,7 @@
 """The same image gets a bit-identical answer alone, inside a full TorchServe batch, and
 from a second server instance (the coordinated target makes answers a pure function of
-the query; the handler runs the victim image by image so batching cannot change a bit)."""
+the query; the handler runs victim and defense in probed batch sizes only, so batching
+cannot change a bit)."""
 
 from __future__ import annotations
 

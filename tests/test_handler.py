@@ -283,6 +283,28 @@ def test_answer_is_bit_identical_alone_and_in_a_batch(
     assert json.dumps(alone) == json.dumps(crowded)
 
 
+def test_wide_networks_answer_alike_alone_and_in_any_batch(
+    handler_class: type, tmp_path: Path, keep_threads: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``wide_cnn``'s convolutions take other kernels from 4 rows on (other last bits), and
+    preserve_top1's answers follow the scores' values: the handler's batch plan (probed at
+    ``initialize`` up to ``batchSize``) keeps every answer the same whatever the batch."""
+    torch.manual_seed(0)
+    save_checkpoint(build_model("wide_cnn"), tmp_path / "victim.pt")
+    save_checkpoint(build_model("wide_cnn"), tmp_path / "surrogate.pt")
+    with caplog.at_level(logging.INFO):
+        handler, context = make_handler(handler_class, tmp_path,
+                                        model_config(preserve_top1=True))
+    assert "batch-independent rows" in caplog.text
+    assert handler.served.defense.batch_sizes and max(handler.served.defense.batch_sizes) <= 8
+    images = [bytearray(png_bytes(seed)) for seed in range(8)]
+    alone = [json.dumps(handler.handle([{"body": image}], context)[0]) for image in images]
+    for order in (range(8), reversed(range(8)), [3, 1, 4, 0, 5]):
+        order = list(order)
+        answers = handler.handle([{"body": images[i]} for i in order], context)
+        assert [json.dumps(answer) for answer in answers] == [alone[i] for i in order]
+
+
 def test_topk_output_and_metrics(
     handler_class: type, model_dir: Path, keep_threads: None
 ) -> None:
