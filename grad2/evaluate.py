@@ -59,7 +59,7 @@ TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")
 L1_FAMILIES = (
     "random", "mad", "mad_argmax", "grad2", "grad2_top1", "grad2_min_ip",
     "grad2_random_surrogate", "grad2_misdirect", "control_random_scores", "control_shuffled",
-    "control_fixed_class", "grad2_misdirect_ensemble",
+    "control_fixed_class", "grad2_misdirect_ensemble", "grad2_misdirect_top1",
 )
 POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
@@ -108,6 +108,15 @@ class RunResult:
     retrained: bool = False
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Points run after everything else: ``grid`` against each thief, with each seed."""
+
+    grid: dict[str, tuple[float, ...]]
+    thieves: tuple[str, ...] = ("soft",)
+    seeds: tuple[int, ...] = (0,)
+
+
 @dataclass
 class Sweep:
     """What to run. ``grid`` maps a defense family to its knob values."""
@@ -129,6 +138,8 @@ class Sweep:
     #: Points and extra seeds for the strongest adaptive thief (another architecture).
     arch_seeded: dict[str, tuple[float, ...]] = field(default_factory=dict)
     arch_seeds: tuple[int, ...] = ()
+    #: Later additions, in this order, after every other point.
+    stages: tuple[Stage, ...] = ()
 
 
 def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
@@ -200,7 +211,18 @@ def headline_sweep() -> Sweep:
         smooth={"none": (0.0,)} | {family: (0.5,) for family in adapted},
         arch_seeded={"none": (0.0,)} | {family: (0.5, 0.7) for family in seeded},
         arch_seeds=(1, 2),
+        stages=LABEL_KEEPING_STAGES,
     )
+
+
+#: The defenses that never flip a label, at budgets up to the whole simplex (L1 2): no
+#: defender accuracy lost, so against the soft thief they are compared at every drop.
+LABEL_KEEPING_STAGES = (
+    Stage({"none": (0.0,), "reverse_sigmoid": (0.3, 0.7), "grad2_top1": (1.0, 1.5, 2.0),
+           "grad2_misdirect_top1": (0.5, 1.0, 1.5, 2.0)}, seeds=(0, 1, 2)),
+    Stage({"none": (0.0,), "reverse_sigmoid": (0.7,), "grad2_top1": (2.0,),
+           "grad2_misdirect_top1": (2.0,)}, thieves=("arch",)),
+)
 
 
 class Lab:
@@ -295,6 +317,8 @@ class Lab:
             "grad2_min_ip": lambda: D.GRAD2(surrogate, knob, target="min_ip"),
             "grad2_random_surrogate": lambda: D.GRAD2(surrogate, knob),
             "grad2_misdirect": lambda: D.GRAD2(surrogate, knob, self.misdirect_target(pool)),
+            "grad2_misdirect_top1": lambda: D.GRAD2(
+                surrogate, knob, self.misdirect_target(pool), preserve_top1=True),
             "grad2_misdirect_ensemble": lambda: D.GRAD2(
                 self.ensemble(pool), knob, self.misdirect_target(pool, ensemble=True)),
             "control_random_scores": lambda: D.RandomScores(knob, seed=0),
@@ -507,6 +531,8 @@ def plan(sweep: Sweep) -> list[tuple[DefenseSpec, str, str, int]]:
     add(sweep.headline, ("soft",), sweep.headline_seeds)
     add(sweep.arch_seeded, ("arch",), sweep.arch_seeds)
     add(sweep.extra_grid, sweep.thieves, sweep.seeds)
+    for stage in sweep.stages:
+        add(stage.grid, stage.thieves, stage.seeds)
     return runs
 
 

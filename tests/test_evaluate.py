@@ -13,6 +13,7 @@ import torch
 from grad2.evaluate import (
     Lab,
     RunResult,
+    Stage,
     Sweep,
     clone_at_drop,
     collapsed,
@@ -25,8 +26,9 @@ from grad2.evaluate import (
     receivers,
 )
 
-L1_FAMILIES = ("grad2", "grad2_top1", "grad2_misdirect", "random", "mad_argmax",
-               "control_fixed_class", "control_shuffled")
+L1_FAMILIES = ("grad2", "grad2_top1", "grad2_misdirect", "grad2_misdirect_top1", "random",
+               "mad_argmax", "control_fixed_class", "control_shuffled")
+LABEL_KEEPING = ("grad2_top1", "grad2_misdirect_top1", "mad_argmax", "top1")
 
 
 def test_clone_at_drop_interpolates_and_takes_the_best_knob() -> None:
@@ -129,15 +131,24 @@ def miniature(tmp_path_factory):
             **{family: (0.5,) for family in L1_FAMILIES}}
     sweep = Sweep(grid=grid, pools=("animal",), pool_size=400, clone_epochs=1,
                   adaptive={"grad2": (0.5,), "top1": (0.0,)},
-                  adaptive_thieves=("labels", "arch", "smooth", "prior"))
+                  adaptive_thieves=("labels", "arch", "smooth", "prior"),
+                  stages=(Stage({"grad2_misdirect_top1": (2.0,), "grad2": (0.5,)}),))
     out = folder / "report"
     results = evaluate(sweep, out, lab)
     return lab, sweep, out, results
 
 
-def _run(results, defense, thief="soft"):
-    (run,) = [r for r in results if r.defense == defense and r.thief == thief]
+def _run(results, defense, thief="soft", knob=None):
+    (run,) = [r for r in results if r.defense == defense and r.thief == thief
+              and knob in (None, r.knob)]
     return run
+
+
+def test_stages_run_last_without_repeating_points() -> None:
+    sweep = Sweep(grid={"grad2": (0.5,)}, pools=("animal",),
+                  stages=(Stage({"grad2": (0.5, 1.0)}), Stage({"top1": (0.0,)}, ("arch",))))
+    assert [(spec.key, thief) for spec, _, thief, _ in plan(sweep)] == [
+        ("grad2@0.5", "soft"), ("grad2@1", "soft"), ("top1@0", "arch")]
 
 
 @pytest.mark.slow
@@ -152,11 +163,14 @@ def test_miniature_sweep_keeps_the_invariants(miniature) -> None:
     assert none.defender_accuracy == pytest.approx(lab.victim_accuracy)
     assert none.effective_l1 == 0 and none.label_flip_rate == 0 and sum(none.receivers) == 0
     for family in L1_FAMILIES:
-        run = _run(results, family)
+        run = _run(results, family, knob=0.5)
         assert 0 < run.effective_l1 <= 0.5 + 1e-5, family
         assert 0 < sum(run.receivers) <= 400, family
-    for family in ("grad2_top1", "mad_argmax", "top1"):
-        assert _run(results, family).label_flip_rate == 0, family
+    for family in LABEL_KEEPING:
+        for run in (r for r in results if r.defense == family):
+            assert run.label_flip_rate == 0, family
+    whole = _run(results, "grad2_misdirect_top1", knob=2.0)
+    assert 0.5 < whole.effective_l1 <= 2 + 1e-5
     fixed = _run(results, "control_fixed_class")
     assert np.count_nonzero(fixed.receivers) == 1  # one class receives everything
     top1 = _run(results, "top1")
