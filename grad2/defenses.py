@@ -74,7 +74,6 @@ class Defense(ABC):
             return None
         # The network's raw output is probed, not the answer: a kernel's other last bits
         # show in every row there, while an answer hides them whenever they move no mass.
-        self.batch_sizes = None
         self.batch_sizes = probe_sizes(self.network_rows, (x, probs.detach()), max_batch)
         return self.batch_sizes
 

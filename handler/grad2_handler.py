@@ -66,6 +66,7 @@ class Grad2Handler(BaseHandler):
                 self.model_yaml_config,
                 victim_file=model.get("serializedFile", serving_io.VICTIM_FILE),
             )
+            self._plan_batches(int(context.system_properties.get("batch_size") or 1))
         except Exception as error:
             logger.error(
                 "model %s version %s refused to load: %s",
@@ -78,7 +79,6 @@ class Grad2Handler(BaseHandler):
         # serving_io.decode_image makes before decoding.
         max_side = self.served.input_config.max_side
         Image.MAX_IMAGE_PIXELS = max_side * max_side
-        self._plan_batches(int(context.system_properties.get("batch_size") or 1))
         self.device = torch.device("cpu")
         self.map_location = "cpu"
         self.model = self.served.victim
