@@ -60,6 +60,7 @@ L1_FAMILIES = (
     "random", "mad", "mad_argmax", "grad2", "grad2_top1", "grad2_min_ip",
     "grad2_random_surrogate", "grad2_misdirect", "control_random_scores", "control_shuffled",
     "control_fixed_class", "grad2_misdirect_ensemble", "grad2_misdirect_top1",
+    "control_fixed_class_top1", "control_random_scores_top1", "control_shuffled_misdirect_top1",
 )
 POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
@@ -217,12 +218,18 @@ def headline_sweep() -> Sweep:
 def label_keeping_sweep() -> Sweep:
     """The defenses that never flip a label (reverse sigmoid, GRAD² preserve_top1 with the
     ``all_ones`` and misdirection targets) up to the whole simplex (L1 2), against GRAD²
-    misdirection and no defense: the soft thief over 3 seeds, then the other-architecture
+    misdirection, no defense, the top-1 label alone (what a labels-only thief gets from
+    any of them) and three controls of the same budget and constraint (a fixed-class push,
+    random scores, misdirection's scores shuffled across queries): the soft thief over 3
+    seeds, then the other-architecture
     thief on seed 0. Self-contained (its own undefended runs), so it can run on a
     machine whose retrained victim differs in the last bits from the committed run's."""
-    soft = {"none": (0.0,), "reverse_sigmoid": (0.3, 0.7), "grad2_top1": (1.0, 2.0),
-            "grad2_misdirect_top1": (1.0, 2.0), "grad2_misdirect": (0.5, 0.7)}
-    arch = {"none": (0.0,), "reverse_sigmoid": (0.7,), "grad2_top1": (2.0,),
+    soft = {"none": (0.0,), "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7),
+            "grad2_top1": (1.0, 2.0), "grad2_misdirect_top1": (1.0, 2.0),
+            "grad2_misdirect": (0.5, 0.7), "control_fixed_class_top1": (2.0,),
+            "control_random_scores_top1": (2.0,), "control_shuffled_misdirect_top1": (2.0,)}
+    # ``top1`` here is the labels-only thief's best clone against every label keeper.
+    arch = {"none": (0.0,), "top1": (0.0,), "reverse_sigmoid": (0.7,), "grad2_top1": (2.0,),
             "grad2_misdirect_top1": (2.0,), "grad2_misdirect": (0.5,)}
     return Sweep(grid={}, pool_size=4000, clone_epochs=8,
                  stages=(Stage(soft, seeds=(0, 1, 2)), Stage(arch, thieves=("arch",))))
@@ -327,6 +334,13 @@ class Lab:
             "control_random_scores": lambda: D.RandomScores(knob, seed=0),
             "control_shuffled": lambda: D.ShuffledScores(D.GRAD2(surrogate, knob), seed=0),
             "control_fixed_class": lambda: D.FixedClassPush(knob, self.favourite_class(pool)),
+            # Controls of the label-keeping misdirection: same budget and constraint.
+            "control_fixed_class_top1": lambda: D.FixedClassPush(
+                knob, self.favourite_class(pool, "grad2_misdirect"), preserve_top1=True),
+            "control_random_scores_top1": lambda: D.RandomScores(
+                knob, seed=0, preserve_top1=True),
+            "control_shuffled_misdirect_top1": lambda: D.ShuffledScores(D.GRAD2(
+                surrogate, knob, self.misdirect_target(pool), preserve_top1=True), seed=0),
         }
         if family not in builders:
             raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
@@ -346,9 +360,9 @@ class Lab:
         references = to_tensor(thief_pool(pool, size=2000, seed=99).images)
         return targets.load(targets.save(targets.misdirect(surrogate, references), path), surrogate)
 
-    def favourite_class(self, pool: str) -> int:
-        """The class GRAD² (epsilon 0.5) sends mass to most often on ``pool``."""
-        answers = self.answers(DefenseSpec("grad2", 0.5), pool, None, "pool")
+    def favourite_class(self, pool: str, family: str = "grad2") -> int:
+        """The class GRAD² (``family`` at epsilon 0.5) sends mass to most often on ``pool``."""
+        answers = self.answers(DefenseSpec(family, 0.5), pool, None, "pool")
         _, clean = self.pool(pool, None)
         return most_frequent_receiver(clean, answers)
 

@@ -28,7 +28,8 @@ from grad2.evaluate import (
 
 L1_FAMILIES = ("grad2", "grad2_top1", "grad2_misdirect", "grad2_misdirect_top1", "random",
                "mad_argmax", "control_fixed_class", "control_shuffled")
-LABEL_KEEPING = ("grad2_top1", "grad2_misdirect_top1", "mad_argmax", "top1")
+LABEL_KEEPING = ("grad2_top1", "grad2_misdirect_top1", "mad_argmax", "top1",
+                 "control_fixed_class_top1", "control_shuffled_misdirect_top1")
 
 
 def test_clone_at_drop_interpolates_and_takes_the_best_knob() -> None:
@@ -132,7 +133,9 @@ def miniature(tmp_path_factory):
     sweep = Sweep(grid=grid, pools=("animal",), pool_size=400, clone_epochs=1,
                   adaptive={"grad2": (0.5,), "top1": (0.0,)},
                   adaptive_thieves=("labels", "arch", "smooth", "prior"),
-                  stages=(Stage({"grad2_misdirect_top1": (2.0,), "grad2": (0.5,)}),))
+                  stages=(Stage({"grad2_misdirect_top1": (2.0,), "grad2": (0.5,),
+                                 "control_fixed_class_top1": (2.0,),
+                                 "control_shuffled_misdirect_top1": (2.0,)}),))
     out = folder / "report"
     results = evaluate(sweep, out, lab)
     return lab, sweep, out, results
@@ -171,6 +174,8 @@ def test_miniature_sweep_keeps_the_invariants(miniature) -> None:
             assert run.label_flip_rate == 0, family
     whole = _run(results, "grad2_misdirect_top1", knob=2.0)
     assert 0.5 < whole.effective_l1 <= 2 + 1e-5
+    assert 0.5 < _run(results, "control_shuffled_misdirect_top1").effective_l1 <= 2 + 1e-5
+    assert np.count_nonzero(_run(results, "control_fixed_class_top1").receivers) == 1
     fixed = _run(results, "control_fixed_class")
     assert np.count_nonzero(fixed.receivers) == 1  # one class receives everything
     top1 = _run(results, "top1")
