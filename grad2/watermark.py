@@ -455,7 +455,7 @@ def evaluate_watermark(
     focus_epsilon: float | None = None, progress: bool = True,
     equalize: bool = DEFAULT_EQUALIZE, surrogate_epochs: int | None = None,
     candidates: int = DEFAULT_CANDIDATES, contrast: bool = False, neighbours: bool = False,
-    centre: bool = False,
+    centre: bool = False, preserve_top1: bool = False,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
@@ -473,6 +473,8 @@ def evaluate_watermark(
     ``neighbours``: :class:`NeighbourPush` instead of GRAD² (``high_epsilon =
     focus_epsilon or 2``), calibrated on the same reference queries. ``centre``: the
     target's scores centred per class on those queries (:func:`grad2.targets.centre_scores`).
+    ``preserve_top1``: GRAD² that never flips a label (no defender accuracy lost, so budgets
+    up to L1 2 are open to it).
     """
     from grad2.data import cache_dir, thief_pool
     from grad2.evaluate import Lab, apply_defense
@@ -502,7 +504,7 @@ def evaluate_watermark(
         reference_scores = GRAD2(surrogate, 1.0, target).scores(reference, reference_probs)
         reference_gains = watermark_gain(reference_probs, reference_scores)
     for epsilon in epsilons:
-        defense: Defense = GRAD2(surrogate, epsilon, target)
+        defense: Defense = GRAD2(surrogate, epsilon, target, preserve_top1=preserve_top1)
         threshold = None
         if neighbours and epsilon > 0:
             defense = NeighbourPush.fit(surrogate, secret, reference, reference_probs, epsilon,
@@ -524,7 +526,7 @@ def evaluate_watermark(
                 "model": "clone", "epsilon": epsilon, "seed": seed, "style": style,
                 "equalize": equalize, "surrogate_epochs": surrogate_epochs,
                 "candidates": candidates, "contrast": contrast, "neighbours": neighbours,
-                "centre": centre,
+                "centre": centre, "preserve_top1": preserve_top1,
                 "focus_epsilon": focus_epsilon, "threshold": threshold,
                 "defender_accuracy": float((test_answers.argmax(1) == lab.test_labels)
                                            .float().mean()),
@@ -585,7 +587,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                               focus_epsilon=args.focus_epsilon, progress=not args.no_progress,
                               equalize=args.equalize, surrogate_epochs=args.surrogate_epochs,
                               candidates=args.candidates, contrast=args.contrast,
-                              neighbours=args.neighbours, centre=args.centre)
+                              neighbours=args.neighbours, centre=args.centre,
+                              preserve_top1=args.preserve_top1)
     print(format_rows(rows))
     return 0
 
@@ -665,6 +668,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "its label, --focus-epsilon each (default 2)")
     evaluate.add_argument("--centre", action="store_true",
                           help="centre the target's scores per class on 2,000 pool images")
+    evaluate.add_argument("--preserve-top1", action="store_true",
+                          help="GRAD² that never flips a label (budgets up to 2 cost no "
+                               "defender accuracy)")
     evaluate.add_argument("--contrast", action="store_true",
                           help="contrastive target against 2,000 images of the pool (seed 99)")
     evaluate.add_argument("--surrogate-epochs", type=int,
