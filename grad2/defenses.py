@@ -225,7 +225,6 @@ class GRAD2(_Redirection):
             raise ValueError("GRAD2 needs a surrogate nn.Module")
         self.surrogate = surrogate.eval()
         self.score_method = score_method
-        self.plans_batches = target != "min_ip"  # min_ip answers depend on the batch by design
         if target == "min_ip":
             self.target_name, self.target = "min_ip", None
         elif target == "all_ones":
@@ -267,6 +266,10 @@ class GRAD2(_Redirection):
                 f"surrogate gives {scores.shape[-1]} classes, the victim {probs.shape[-1]}"
             )
         return scores.to(probs.dtype)
+
+    @property
+    def plans_batches(self) -> bool:  # min_ip answers depend on the batch by design
+        return self.target_name != "min_ip"
 
     def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
         return self.scores(x, probs)

@@ -221,9 +221,9 @@ def label_keeping_sweep() -> Sweep:
     misdirection, no defense, the top-1 label alone (what a labels-only thief gets from
     any of them) and three controls of the same budget and constraint (a fixed-class push,
     random scores, misdirection's scores shuffled across queries): the soft thief over 3
-    seeds, then the other-architecture
-    thief on seed 0. Self-contained (its own undefended runs), so it can run on a
-    machine whose retrained victim differs in the last bits from the committed run's."""
+    seeds, then the other-architecture thief on seed 0. Self-contained (its own undefended
+    runs), so it can run on a machine whose retrained victim differs in the last bits from
+    the committed run's."""
     soft = {"none": (0.0,), "top1": (0.0,), "reverse_sigmoid": (0.3, 0.7),
             "grad2_top1": (1.0, 2.0), "grad2_misdirect_top1": (1.0, 2.0),
             "grad2_misdirect": (0.5, 0.7), "control_fixed_class_top1": (2.0,),

@@ -2,13 +2,12 @@
 per defense for the soft thief (mean ± std over seeds), the prior-correcting thief and the
 other-architecture thief (seed 0), one panel per thief pool.
 
-Run: ``.venv/bin/python scripts/label_keeping_plot.py docs/results/label_keeping/runs.jsonl
-docs/results/label_keeping/label_keeping.png``
+Run: ``.venv/bin/python scripts/label_keeping_plot.py docs/results/label_keeping
+docs/results/label_keeping/label_keeping.png`` (the folder holds ``runs.jsonl``)
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from grad2.evaluate import read_journal, with_prior_rows
 
 #: (family, knob, label), in plot order.
 POINTS = [
@@ -33,16 +34,14 @@ POINTS = [
 THIEVES = [("soft", "soft"), ("prior", "prior-correcting"), ("arch", "other architecture")]
 
 
-def main(journal: Path, out: Path) -> None:
-    runs = [json.loads(line) for line in journal.read_text().splitlines()]
+def main(folder: Path, out: Path) -> None:
+    runs = with_prior_rows(list(read_journal(folder).values()))
 
     def values(pool: str, thief: str, family: str, knob: float) -> list[float]:
-        field, trained = (("prior_clone_accuracy", "soft") if thief == "prior"
-                          else ("clone_accuracy", thief))
-        return [100 * r[field] for r in runs if (r["pool"], r["thief"], r["defense"])
-                == (pool, trained, family) and r["knob"] == knob and r.get(field) is not None]
+        return [100 * r.clone_accuracy for r in runs
+                if (r.pool, r.thief, r.defense, r.knob) == (pool, thief, family, knob)]
 
-    pools = sorted({r["pool"] for r in runs})
+    pools = sorted({r.pool for r in runs})
     figure, axes = plt.subplots(1, len(pools), figsize=(7 * len(pools), 5), sharey=True)
     width = 0.27
     for axis, pool in zip(np.atleast_1d(axes), pools):
