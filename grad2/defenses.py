@@ -185,7 +185,14 @@ class _Redirection(Defense):
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
         if self.epsilon == 0:
             return probs.clone()
-        scores = self.scores(x, probs)
+        return self.solve(probs, self.scores(x, probs))
+
+    def solve(self, probs: Tensor, scores: Tensor) -> Tensor:
+        """``[B, K]`` answers for given ``scores`` ``[B, K]``: this defense's budget and
+        constraint, without computing scores (what calibrations such as
+        :func:`grad2.balance.balance_offsets` iterate on)."""
+        if self.epsilon == 0:
+            return probs.clone()
         if not self.preserve_top1:
             return redirect(probs, scores, self.epsilon)
         # Reserve the L1 that separating ties costs, then separate; a budget too small for

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from grad2 import defenses as D
 from grad2 import targets
+from grad2.balance import balance_target
 from grad2.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
 from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
 from grad2.train import (
@@ -61,6 +62,7 @@ L1_FAMILIES = (
     "grad2_random_surrogate", "grad2_misdirect", "control_random_scores", "control_shuffled",
     "control_fixed_class", "grad2_misdirect_ensemble", "grad2_misdirect_top1",
     "control_fixed_class_top1", "control_random_scores_top1", "control_shuffled_misdirect_top1",
+    "grad2_misdirect_balanced", "grad2_misdirect_balanced_top1", "control_shuffled_balanced_top1",
 )
 POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
@@ -235,6 +237,26 @@ def label_keeping_sweep() -> Sweep:
                  stages=(Stage(soft, seeds=(0, 1, 2)), Stage(arch, thieves=("arch",))))
 
 
+def balance_sweep() -> Sweep:
+    """Class-balanced misdirection (:mod:`grad2.balance`: the mean answer kept on the
+    thief's kind of queries) against plain misdirection, with and without the top-1
+    constraint, aimed at the prior-correcting thief. Self-contained like
+    :func:`label_keeping_sweep`. In order: the label-keeping pair at epsilon 2 with the
+    balanced scores shuffled across queries (its control), no defense and the top-1 label,
+    3 seeds; the other-architecture thief on seed 0; then epsilon 1, the label-flipping
+    pair at 0.5, reverse sigmoid and misdirection's shuffled control, 3 seeds."""
+    core = {"none": (0.0,), "top1": (0.0,), "grad2_misdirect_top1": (2.0,),
+            "grad2_misdirect_balanced_top1": (2.0,), "control_shuffled_balanced_top1": (2.0,)}
+    arch = {"none": (0.0,), "top1": (0.0,), "grad2_misdirect_top1": (2.0,),
+            "grad2_misdirect_balanced_top1": (2.0,)}
+    more = {"grad2_misdirect_top1": (1.0,), "grad2_misdirect_balanced_top1": (1.0,),
+            "grad2_misdirect": (0.5,), "grad2_misdirect_balanced": (0.5,),
+            "reverse_sigmoid": (0.7,), "control_shuffled_misdirect_top1": (2.0,)}
+    seeds = (0, 1, 2)
+    return Sweep(grid={}, pool_size=4000, clone_epochs=8, stages=(
+        Stage(core, seeds=seeds), Stage(arch, thieves=("arch",)), Stage(more, seeds=seeds)))
+
+
 class Lab:
     """Trained models and cached answers for one evaluation folder."""
 
@@ -341,6 +363,14 @@ class Lab:
                 knob, seed=0, preserve_top1=True),
             "control_shuffled_misdirect_top1": lambda: D.ShuffledScores(D.GRAD2(
                 surrogate, knob, self.misdirect_target(pool), preserve_top1=True), seed=0),
+            "grad2_misdirect_balanced": lambda: D.GRAD2(
+                surrogate, knob, self.balanced_target(pool, knob, preserve_top1=False)),
+            "grad2_misdirect_balanced_top1": lambda: D.GRAD2(
+                surrogate, knob, self.balanced_target(pool, knob, preserve_top1=True),
+                preserve_top1=True),
+            "control_shuffled_balanced_top1": lambda: D.ShuffledScores(D.GRAD2(
+                surrogate, knob, self.balanced_target(pool, knob, preserve_top1=True),
+                preserve_top1=True), seed=0),
         }
         if family not in builders:
             raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
@@ -359,6 +389,25 @@ class Lab:
             return targets.load(path, surrogate)
         references = to_tensor(thief_pool(pool, size=2000, seed=99).images)
         return targets.load(targets.save(targets.misdirect(surrogate, references), path), surrogate)
+
+    def balanced_target(self, pool: str, epsilon: float, preserve_top1: bool) -> dict[str, Tensor]:
+        """The misdirection target balanced (:func:`grad2.balance.balance_target`) for this
+        budget and constraint on the same 2,000 pool images the target was computed on;
+        the balance it reached is written beside the tensor file as JSON."""
+        name = f"misdirect_{pool}_balanced{'_top1' if preserve_top1 else ''}_eps{epsilon:g}"
+        path = self.folder / "models" / f"{name}.pt"
+        surrogate = self.surrogate(pool)
+        if path.exists():
+            return targets.load(path, surrogate)
+        references = to_tensor(thief_pool(pool, size=2000, seed=99).images)
+        clean = predict_probs(self.victim, references, device=self.device)
+        defense = D.GRAD2(surrogate, epsilon, self.misdirect_target(pool),
+                          preserve_top1=preserve_top1)
+        target, balance = balance_target(defense, references, clean)
+        path.with_suffix(".json").write_text(json.dumps({
+            "gap_before": balance.gap_before, "gap": balance.gap, "dual": balance.dual,
+            "steps": balance.steps, "offsets": balance.offsets.tolist()}, indent=1))
+        return targets.load(targets.save(target, path), surrogate)
 
     def favourite_class(self, pool: str, family: str = "grad2") -> int:
         """The class GRAD² (``family`` at epsilon 0.5) sends mass to most often on ``pool``."""
@@ -853,7 +902,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     if args.quick:
         sweep = quick_sweep()
     else:
-        sweep = label_keeping_sweep() if args.label_keeping else headline_sweep()
+        sweep = (label_keeping_sweep() if args.label_keeping
+                 else balance_sweep() if args.balance else headline_sweep())
     if args.full_grid:
         sweep.grid = full_grid(EPSILONS)
     if args.pools:
@@ -896,6 +946,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-keeping", action="store_true",
                         help="the label-keeping defenses up to L1 2 against misdirection "
                         "(3 seeds, plus the other-architecture thief)")
+    parser.add_argument("--balance", action="store_true",
+                        help="class-balanced misdirection (mean answer kept) against plain "
+                        "misdirection and the prior-correcting thief (3 seeds, plus the "
+                        "other-architecture thief)")
     parser.add_argument("--pools", nargs="+", choices=POOLS)
     parser.add_argument("--defenses", nargs="+", help="only these defense families")
     parser.add_argument("--no-adaptive", action="store_true", help="soft thief only")

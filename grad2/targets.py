@@ -18,7 +18,7 @@ from grad2.scores import Target, eval_mode, redirection_scores
 
 __all__ = [
     "all_ones", "centre_scores", "check", "load", "min_ip", "misdirect", "random", "save",
-    "watermark",
+    "shift_scores", "watermark",
 ]
 
 
@@ -98,24 +98,36 @@ def _per_example_gradients(model: nn.Module, x: Tensor, weights: Tensor) -> dict
 
 
 def centre_scores(model: nn.Module, target: Target, references: Tensor) -> dict[str, Tensor]:
-    """``target`` with its last-layer bias component shifted so that every class's score
-    ``c_k = (G t)_k`` averages the same over ``references`` ``[R, ...]``.
-
-    ``∂ log s(k | x) / ∂b = e_k − p(x)`` for the last linear layer's bias ``b``, so adding
-    ``−m`` there changes each query's scores by ``−m_k`` plus a constant per query, which
-    the GRAD² solver ignores. With ``m`` the mean reference scores, a query's receiving
-    class is the one unusually favoured *at this query*, not the class the target favours
+    """``target`` shifted (:func:`shift_scores`) so that every class's score ``c_k = (G t)_k``
+    averages the same over ``references`` ``[R, ...]``: a query's receiving class is then
+    the one unusually favoured *at this query*, not the class the target favours
     everywhere (a class-bias push).
+    """
+    scores = redirection_scores(model, references, target)
+    return shift_scores(model, target, -scores.mean(dim=0))
+
+
+def shift_scores(model: nn.Module, target: Target, offsets: Tensor) -> dict[str, Tensor]:
+    """``target`` with ``offsets`` ``[K]`` added to its last linear layer's bias component,
+    which adds ``offsets_k`` to every query's score ``c_k`` (plus a constant per query).
+
+    ``∂ log s(k | x) / ∂b = e_k − p(x)`` for that bias ``b``, so the shift changes the
+    scores by ``offsets − p(x)·offsets``; the second term is the same for every class of a
+    query, and the GRAD² solver ignores such constants (it maximises ``c·ỹ`` with
+    ``Σ ỹ = 1``). A per-class offset is thus a property of the target file: it needs no
+    change to the handler.
     """
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linear or linear[-1].bias is None:
-        raise ValueError("centring needs a last nn.Linear layer with a bias")
-    bias_name = next(n for n, p in model.named_parameters() if p is linear[-1].bias)
-    scores = redirection_scores(model, references, target)
-    centred = {name: tensor.clone() for name, tensor in target.items()}
-    base = centred.get(bias_name, torch.zeros_like(linear[-1].bias))
-    centred[bias_name] = base - scores.mean(dim=0).to(base)
-    return centred
+        raise ValueError("shifting scores needs a last nn.Linear layer with a bias")
+    bias = linear[-1].bias
+    if offsets.shape != bias.shape:
+        raise ValueError(f"offsets must have shape {tuple(bias.shape)}, got {tuple(offsets.shape)}")
+    bias_name = next(n for n, p in model.named_parameters() if p is bias)
+    shifted = {name: tensor.clone() for name, tensor in target.items()}
+    base = shifted.get(bias_name, torch.zeros_like(bias))
+    shifted[bias_name] = base + offsets.to(base)
+    return shifted
 
 
 def misdirect(model: nn.Module, references: Tensor, shift: int = 1) -> dict[str, Tensor]:

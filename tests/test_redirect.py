@@ -11,55 +11,22 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sparse
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lp import HIGHS_OPTIONS, answer_constraints
 from scipy.optimize import linprog
 
 from grad2.redirect import redirect, separate_top
 
 torch.set_num_threads(1)
 
-HIGHS_OPTIONS = {
-    "primal_feasibility_tolerance": 1e-10,
-    "dual_feasibility_tolerance": 1e-10,
-    "presolve": True,
-}
-
-
 def lp_optimum(y: np.ndarray, c: np.ndarray, epsilon: float, preserve_top1: bool) -> float:
-    """Optimal value of the GRAD² LP, from HiGHS. Variables: ``ỹ`` (K) then ``d`` (K)."""
-    k = len(y)
-    identity = sparse.identity(k, format="csr")
-    blocks = [
-        sparse.hstack([identity, -identity]),  # ỹ − d ≤ y
-        sparse.hstack([-identity, -identity]),  # −ỹ − d ≤ −y
-        sparse.csr_matrix(np.concatenate([np.zeros(k), np.ones(k)])[None]),  # Σ d ≤ ε
-    ]
-    bounds = [y, -y, [epsilon]]
-    if preserve_top1:
-        top = int(np.argmax(y))  # first maximum, like torch.argmax
-        others = [j for j in range(k) if j != top]
-        rows = np.arange(len(others))
-        top1 = sparse.csr_matrix(
-            (
-                np.concatenate([np.ones(len(others)), -np.ones(len(others))]),
-                (np.concatenate([rows, rows]), np.concatenate([others, [top] * len(others)])),
-            ),
-            shape=(len(others), 2 * k),
-        )  # ỹ_j − ỹ_a ≤ 0
-        blocks.append(top1)
-        bounds.append(np.zeros(len(others)))
+    """Optimal value of the GRAD² LP, from HiGHS."""
+    a_ub, b_ub, a_eq, b_eq = answer_constraints(y, epsilon, preserve_top1)
     result = linprog(
-        np.concatenate([-c, np.zeros(k)]),
-        A_ub=sparse.vstack(blocks).tocsr(),
-        b_ub=np.concatenate([np.atleast_1d(np.asarray(b, dtype=float)) for b in bounds]),
-        A_eq=sparse.csr_matrix(np.concatenate([np.ones(k), np.zeros(k)])[None]),
-        b_eq=[1.0],
-        bounds=(0, None),
-        method="highs",
-        options=HIGHS_OPTIONS,
+        np.concatenate([-c, np.zeros(len(y))]), A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq,
+        bounds=(0, None), method="highs", options=HIGHS_OPTIONS,
     )
     assert result.status == 0, result.message
     return -result.fun
