@@ -123,3 +123,32 @@ def test_balancing_needs_a_fixed_target():
     with pytest.raises(ValueError, match="fixed target"):
         balance_target(GRAD2(tiny_net(0), 0.5, "min_ip"), torch.rand(4, 1, 28, 28),
                        torch.full((4, 10), 0.1))
+
+
+def test_target_command_writes_a_balanced_file(tmp_path, capsys):
+    from grad2.cli import main
+    from grad2.data import thief_pool, to_tensor
+    from grad2.models import build_model, save_checkpoint
+    from grad2.train import predict_probs
+
+    torch.manual_seed(0)
+    surrogate, victim = build_model("small_cnn"), build_model("small_cnn")
+    save_checkpoint(surrogate, tmp_path / "surrogate.pt")
+    save_checkpoint(victim, tmp_path / "victim.pt")
+    out = tmp_path / "balanced.pt"
+    assert main(["target", "misdirect", "--surrogate", str(tmp_path / "surrogate.pt"),
+                 "--victim", str(tmp_path / "victim.pt"), "--references", "150",
+                 "--balance-epsilon", "1.0", "--preserve-top1", "--balance-steps", "60",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "balanced for epsilon 1 with preserve_top1 on 150 animal images" in printed
+    references = to_tensor(thief_pool("animal", size=150, seed=99).images)
+    clean = predict_probs(victim, references)
+    plain = GRAD2(surrogate, 1.0, targets.misdirect(surrogate, references), preserve_top1=True)
+    balanced = GRAD2(surrogate, 1.0, targets.load(out, surrogate), preserve_top1=True)
+    before = marginal_gap(plain(references, clean), clean).abs().sum()
+    after = marginal_gap(balanced(references, clean), clean).abs().sum()
+    assert float(after) < 0.5 * float(before)
+    assert main(["target", "random", "--surrogate", str(tmp_path / "surrogate.pt"),
+                 "--balance-epsilon", "1.0", "--out", str(out)]) == 2
+    assert "needs --victim" in capsys.readouterr().err
