@@ -244,7 +244,9 @@ def balance_sweep() -> Sweep:
     :func:`label_keeping_sweep`. In order: the label-keeping pair at epsilon 2 with the
     balanced scores shuffled across queries (its control), no defense and the top-1 label,
     3 seeds; the other-architecture thief on seed 0; then epsilon 1, the label-flipping
-    pair at 0.5, reverse sigmoid and misdirection's shuffled control, 3 seeds."""
+    pair at 0.5, reverse sigmoid and misdirection's shuffled control, 3 seeds; the
+    label-flipping pair at 0.25 and 0.7 (3 seeds); seeds 3 and 4 of no defense and the
+    label-keeping pair at epsilon 2."""
     core = {"none": (0.0,), "top1": (0.0,), "grad2_misdirect_top1": (2.0,),
             "grad2_misdirect_balanced_top1": (2.0,), "control_shuffled_balanced_top1": (2.0,)}
     arch = {"none": (0.0,), "top1": (0.0,), "grad2_misdirect_top1": (2.0,),
@@ -252,9 +254,13 @@ def balance_sweep() -> Sweep:
     more = {"grad2_misdirect_top1": (1.0,), "grad2_misdirect_balanced_top1": (1.0,),
             "grad2_misdirect": (0.5,), "grad2_misdirect_balanced": (0.5,),
             "reverse_sigmoid": (0.7,), "control_shuffled_misdirect_top1": (2.0,)}
+    curve = {"grad2_misdirect": (0.25, 0.7), "grad2_misdirect_balanced": (0.25, 0.7)}
+    headline = {"none": (0.0,), "grad2_misdirect_top1": (2.0,),
+                "grad2_misdirect_balanced_top1": (2.0,)}
     seeds = (0, 1, 2)
     return Sweep(grid={}, pool_size=4000, clone_epochs=8, stages=(
-        Stage(core, seeds=seeds), Stage(arch, thieves=("arch",)), Stage(more, seeds=seeds)))
+        Stage(core, seeds=seeds), Stage(arch, thieves=("arch",)), Stage(more, seeds=seeds),
+        Stage(curve, seeds=seeds), Stage(headline, seeds=(3, 4))))
 
 
 class Lab:
@@ -765,7 +771,8 @@ def _cell(mean: float, std: float) -> str:
 
 #: The issue's goal: clone accuracy points GRAD² must remove at a 1-point defender drop.
 GOAL_GAIN = {"animal": 10.0, "fashion_heldout": 5.0}
-GRAD2_VARIANTS = ("grad2", "grad2_misdirect")
+GRAD2_VARIANTS = ("grad2", "grad2_misdirect", "grad2_top1", "grad2_misdirect_top1",
+                  "grad2_misdirect_balanced", "grad2_misdirect_balanced_top1")
 
 
 def goal_lines(results: list[RunResult], victim_accuracy: float,
