@@ -30,12 +30,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from grad2 import targets
 from grad2.scores import Target
+
+if TYPE_CHECKING:
+    from grad2.defenses import GRAD2
 
 __all__ = ["Balance", "balance_offsets", "balance_target", "dual_value", "marginal_gap"]
 
@@ -107,14 +111,16 @@ def balance_offsets(
 
 
 def balance_target(
-    defense, references: Tensor, probs: Tensor, steps: int = 600, batch_size: int = 500
+    defense: GRAD2, references: Tensor, probs: Tensor, steps: int = 600, batch_size: int = 500
 ) -> tuple[Target, Balance]:
     """A GRAD² defense's target shifted so that its answers keep the clean mean answer on
     ``references`` ``[N, ...]`` (clean victim probabilities ``probs`` ``[N, K]``).
 
     ``defense`` is a :class:`grad2.defenses.GRAD2` with a fixed target (its epsilon and
     ``preserve_top1`` are the ones balanced for). Returns the shifted target (serve it
-    with ``target: file``) and the :class:`Balance`.
+    with ``target: file``) and the :class:`Balance`. Raises ``ValueError`` where the
+    surrogate's last linear layer does not carry the offsets into its scores (checked on
+    the first references).
     """
     if getattr(defense, "target", None) is None:
         raise ValueError("balancing needs a GRAD2 defense with a fixed target (not min_ip)")
@@ -123,4 +129,21 @@ def balance_target(
         for start in range(0, len(references), batch_size)
     ])
     balance = balance_offsets(scores, probs, defense.solve, steps)
-    return targets.shift_scores(defense.surrogate, defense.target, balance.offsets), balance
+    shifted = targets.shift_scores(defense.surrogate, defense.target, balance.offsets)
+    _check_shift(defense, shifted, references[:64], probs[:64], scores[:64], balance.offsets)
+    return shifted, balance
+
+
+def _check_shift(defense: GRAD2, shifted: Target, x: Tensor, probs: Tensor, scores: Tensor,
+                 offsets: Tensor) -> None:
+    """The shifted target's scores must be ``scores + offsets`` up to a constant per query
+    (not so, e.g., for an ensemble whose last linear layer is one member's)."""
+    from grad2.defenses import GRAD2
+
+    served = GRAD2(defense.surrogate, defense.epsilon, shifted, defense.score_method,
+                   defense.preserve_top1)
+    excess = served.scores(x, probs).double() - scores.double() - offsets.double()
+    spread = float(scores.double().std(dim=1).mean())
+    if float((excess - excess.mean(dim=1, keepdim=True)).abs().max()) > 1e-3 * spread + 1e-5:
+        raise ValueError("the surrogate's last nn.Linear bias does not add per-class offsets "
+                         "to its scores (an ensemble?): this target cannot be balanced")

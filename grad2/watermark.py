@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from grad2 import targets
+from grad2.balance import balance_target
 from grad2.data import to_tensor
 from grad2.defenses import GRAD2, Defense
 from grad2.models import load_checkpoint
@@ -455,7 +456,7 @@ def evaluate_watermark(
     focus_epsilon: float | None = None, progress: bool = True,
     equalize: bool = DEFAULT_EQUALIZE, surrogate_epochs: int | None = None,
     candidates: int = DEFAULT_CANDIDATES, contrast: bool = False, neighbours: bool = False,
-    centre: bool = False, preserve_top1: bool = False,
+    centre: bool = False, preserve_top1: bool = False, balance: bool = False,
 ) -> list[dict]:
     """Clones trained on a watermark-defended API's answers, at several budgets.
 
@@ -474,7 +475,9 @@ def evaluate_watermark(
     focus_epsilon or 2``), calibrated on the same reference queries. ``centre``: the
     target's scores centred per class on those queries (:func:`grad2.targets.centre_scores`).
     ``preserve_top1``: GRAD² that never flips a label (no defender accuracy lost, so budgets
-    up to L1 2 are open to it).
+    up to L1 2 are open to it). ``balance``: per budget, the target's scores shifted so
+    that the answers keep the clean mean answer on those queries
+    (:func:`grad2.balance.balance_target`).
     """
     from grad2.data import cache_dir, thief_pool
     from grad2.evaluate import Lab, apply_defense
@@ -505,6 +508,9 @@ def evaluate_watermark(
         reference_gains = watermark_gain(reference_probs, reference_scores)
     for epsilon in epsilons:
         defense: Defense = GRAD2(surrogate, epsilon, target, preserve_top1=preserve_top1)
+        if balance and epsilon > 0:
+            balanced, _ = balance_target(defense, reference, reference_probs)
+            defense = GRAD2(surrogate, epsilon, balanced, preserve_top1=preserve_top1)
         threshold = None
         if neighbours and epsilon > 0:
             defense = NeighbourPush.fit(surrogate, secret, reference, reference_probs, epsilon,
@@ -526,7 +532,7 @@ def evaluate_watermark(
                 "model": "clone", "epsilon": epsilon, "seed": seed, "style": style,
                 "equalize": equalize, "surrogate_epochs": surrogate_epochs,
                 "candidates": candidates, "contrast": contrast, "neighbours": neighbours,
-                "centre": centre, "preserve_top1": preserve_top1,
+                "centre": centre, "preserve_top1": preserve_top1, "balance": balance,
                 "focus_epsilon": focus_epsilon, "threshold": threshold,
                 "defender_accuracy": float((test_answers.argmax(1) == lab.test_labels)
                                            .float().mean()),
@@ -588,7 +594,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                               equalize=args.equalize, surrogate_epochs=args.surrogate_epochs,
                               candidates=args.candidates, contrast=args.contrast,
                               neighbours=args.neighbours, centre=args.centre,
-                              preserve_top1=args.preserve_top1)
+                              preserve_top1=args.preserve_top1, balance=args.balance)
     print(format_rows(rows))
     return 0
 
@@ -671,6 +677,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--preserve-top1", action="store_true",
                           help="GRAD² that never flips a label (budgets up to 2 cost no "
                                "defender accuracy)")
+    evaluate.add_argument("--balance", action="store_true",
+                          help="per budget, keep the clean mean answer on 2,000 pool images "
+                               "(class-balanced scores)")
     evaluate.add_argument("--contrast", action="store_true",
                           help="contrastive target against 2,000 images of the pool (seed 99)")
     evaluate.add_argument("--surrogate-epochs", type=int,

@@ -152,3 +152,13 @@ def test_target_command_writes_a_balanced_file(tmp_path, capsys):
     assert main(["target", "random", "--surrogate", str(tmp_path / "surrogate.pt"),
                  "--balance-epsilon", "1.0", "--out", str(out)]) == 2
     assert "needs --victim" in capsys.readouterr().err
+
+
+def test_a_target_whose_bias_does_not_carry_the_offsets_is_refused():
+    # The last linear layer feeds a squashing head, so a bias shift is not a score shift.
+    surrogate = torch.nn.Sequential(tiny_net(1), torch.nn.Tanh()).eval()
+    references = torch.rand(80, 1, 28, 28)
+    clean = torch.softmax(torch.randn(80, 10) * 3, dim=1)
+    defense = GRAD2(surrogate, 1.0, targets.random(surrogate, seed=0))
+    with pytest.raises(ValueError, match="cannot be balanced"):
+        balance_target(defense, references, clean, steps=30)
