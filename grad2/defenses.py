@@ -193,15 +193,27 @@ class _Redirection(Defense):
         :func:`grad2.balance.balance_offsets` iterate on)."""
         if self.epsilon == 0:
             return probs.clone()
-        if not self.preserve_top1:
-            return redirect(probs, scores, self.epsilon)
-        # Reserve the L1 that separating ties costs, then separate; a budget too small for
-        # the full margin gets a smaller one, so the answer never spends more than epsilon.
-        others = max(probs.shape[1] - 1, 1)
-        margin = min(TOP1_MARGIN, self.epsilon / (2 * others))
-        reserve = 2 * margin * others
-        defended = redirect(probs, scores, max(self.epsilon - reserve, 0.0), preserve_top1=True)
-        return separate_top(defended, probs, margin)
+        return solve_answers(probs, scores, self.epsilon, self.preserve_top1)
+
+
+def solve_answers(probs: Tensor, scores: Tensor, epsilon: float | Tensor,
+                  preserve_top1: bool) -> Tensor:
+    """``[B, K]`` answers of the redirection LP for ``scores`` ``[B, K]`` within ``epsilon``
+    (a float or a ``[B]`` tensor); with ``preserve_top1`` the clean top class is kept
+    ``TOP1_MARGIN`` above every other class, that margin paid from the budget."""
+    if not preserve_top1:
+        return redirect(probs, scores, epsilon)
+    # Reserve the L1 that separating ties costs, then separate; a budget too small for
+    # the full margin gets a smaller one, so the answer never spends more than epsilon.
+    others = max(probs.shape[1] - 1, 1)
+    if isinstance(epsilon, Tensor):
+        margin = (epsilon.to(probs.dtype) / (2 * others)).clamp(max=TOP1_MARGIN).unsqueeze(1)
+        budget = (epsilon.to(probs.dtype) - 2 * margin.squeeze(1) * others).clamp_min(0)
+    else:
+        margin = min(TOP1_MARGIN, epsilon / (2 * others))
+        budget = max(epsilon - 2 * margin * others, 0.0)
+    defended = redirect(probs, scores, budget, preserve_top1=True)
+    return separate_top(defended, probs, margin)
 
 
 class GRAD2(_Redirection):

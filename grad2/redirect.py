@@ -57,13 +57,14 @@ def redirect(
     return _redirect_free(probs, scores, epsilon)
 
 
-def separate_top(defended: Tensor, probs: Tensor, margin: float) -> Tensor:
+def separate_top(defended: Tensor, probs: Tensor, margin: float | Tensor) -> Tensor:
     """Make the clean top class lead every other class of ``defended`` by ``margin``.
 
     The top-1-preserving optimum often ties the top class with others (``ỹ_a = ỹ_j``),
     which a client's ``argmax`` may resolve either way. This moves ``margin`` from each
     tied class to the top class, at an L1 cost of ``2 · margin`` per tied class
-    (``≤ 2 · margin · (K − 1)``; reserve it from the budget).
+    (``≤ 2 · margin · (K − 1)``; reserve it from the budget). ``margin``: a float or a
+    ``[B, 1]`` tensor (one per row).
     """
     top = probs.argmax(dim=1, keepdim=True)
     top_level = defended.gather(1, top)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from grad2 import targets
 from grad2.balance import balance_target
 from grad2.data import to_tensor
-from grad2.defenses import GRAD2, Defense
+from grad2.defenses import GRAD2, Defense, solve_answers
 from grad2.models import load_checkpoint
 from grad2.redirect import redirect
 from grad2.scores import eval_mode
@@ -400,17 +400,20 @@ class NeighbourPush(Defense):
     surrogate's centred penultimate features at least ``threshold``) gets ``high_epsilon``
     of L1 moved to the nearest trigger's watermark label, taken from its likeliest classes
     first; every other query is answered unchanged. A clone then learns the labels
-    around the triggers. A pure function of the query.
+    around the triggers. A pure function of the query. With ``preserve_top1`` the push
+    stops where the label would flip (the clean top class stays first).
 
     ``triggers`` ``[W, 1, H, W]`` and ``labels`` ``[W]`` come from the secret, ``centre``
     ``[D]`` is the mean feature of reference queries (:meth:`fit`).
     """
 
     def __init__(self, surrogate: nn.Module, triggers: Tensor, labels: Tensor, centre: Tensor,
-                 threshold: float, high_epsilon: float = 2.0) -> None:
+                 threshold: float, high_epsilon: float = 2.0, preserve_top1: bool = False,
+                 ) -> None:
         self.surrogate, self.labels, self.centre = surrogate.eval(), labels.long(), centre
         self.trigger_features = self._unit(penultimate_features(surrogate, triggers))
         self.threshold, self.high_epsilon = float(threshold), float(high_epsilon)
+        self.preserve_top1 = bool(preserve_top1)
 
     def _unit(self, features: Tensor) -> Tensor:
         return torch.nn.functional.normalize(features - self.centre, dim=1)
@@ -425,19 +428,21 @@ class NeighbourPush(Defense):
         receivers = self.labels.to(probs.device)[index]
         scores = (-probs).scatter(1, receivers.unsqueeze(1), 2.0)
         spend = (similarity >= self.threshold).to(probs.dtype) * self.high_epsilon
-        return redirect(probs, scores, spend)
+        return solve_answers(probs, scores, spend, self.preserve_top1)
 
     @classmethod
     def fit(cls, surrogate: nn.Module, secret: Secret, references: Tensor,
-            reference_probs: Tensor, budget: float, high_epsilon: float = 2.0) -> NeighbourPush:
+            reference_probs: Tensor, budget: float, high_epsilon: float = 2.0,
+            preserve_top1: bool = False) -> NeighbourPush:
         """Centre on ``references`` ``[R, ...]`` and pick the lowest threshold whose mean
         L1 on them (clean answers ``reference_probs [R, K]``) stays within ``budget``."""
         centre = penultimate_features(surrogate, references).mean(dim=0)
         defense = cls(surrogate, to_tensor(secret.triggers), torch.from_numpy(secret.labels),
-                      centre, float("inf"), high_epsilon)
-        similarity, index = defense.nearest(references)
-        receiver_probs = reference_probs.gather(1, defense.labels[index].unsqueeze(1)).squeeze(1)
-        cost = (2 * (1 - receiver_probs)).clamp(max=high_epsilon)
+                      centre, -float("inf"), high_epsilon, preserve_top1)
+        similarity, _ = defense.nearest(references)
+        # What each reference would cost if pushed (every one is, at threshold -inf).
+        cost = (defense.defend(references, reference_probs) - reference_probs).abs().sum(dim=1)
+        defense.threshold = float("inf")
         order = torch.argsort(similarity, descending=True)
         affordable = int((torch.cumsum(cost[order], 0) / len(references) <= budget).sum())
         if affordable:
@@ -514,7 +519,7 @@ def evaluate_watermark(
         threshold = None
         if neighbours and epsilon > 0:
             defense = NeighbourPush.fit(surrogate, secret, reference, reference_probs, epsilon,
-                                        focus_epsilon or 2.0)
+                                        focus_epsilon or 2.0, preserve_top1)
             threshold = defense.threshold
         elif focus_epsilon is not None and epsilon > 0:
             threshold = calibrate_threshold(reference_gains, reference_probs, reference_scores,

@@ -199,6 +199,27 @@ def test_neighbour_push_moves_trigger_lookalikes_to_their_label_within_budget() 
     torch.testing.assert_close(alone, answers[[3, 99]])
 
 
+def test_neighbour_push_keeping_labels_stays_in_budget_and_never_flips() -> None:
+    surrogate = tiny_net(8)
+    _, secret = create(surrogate, count=4, seed=2, style="silhouettes")
+    references = to_tensor(make_triggers(200, 5, style="silhouettes"))
+    reference_probs = torch.softmax(torch.randn(200, 10) * 2, dim=1)
+    defense = NeighbourPush.fit(surrogate, secret, references, reference_probs, budget=0.3,
+                                preserve_top1=True)
+    answers = defense(references, reference_probs)
+    spent = (answers - reference_probs).abs().sum(dim=1)
+    assert spent.mean() <= 0.3 + 1e-5 and (spent > 1e-3).any()
+    assert torch.equal(answers.argmax(dim=1), reference_probs.argmax(dim=1))
+    similarity, index = defense.nearest(references)
+    moved = spent > 1e-3
+    assert (similarity[moved] >= defense.threshold).all()
+    gained = answers - reference_probs
+    labels = torch.from_numpy(secret.labels)[index[moved]]
+    # The mass goes to the nearest trigger's label unless that label is the top class.
+    not_top = labels != reference_probs[moved].argmax(dim=1)
+    assert torch.equal(gained[moved].argmax(dim=1)[not_top], labels[not_top])
+
+
 def test_centred_target_gives_every_class_the_same_mean_score_on_references() -> None:
     from grad2.scores import redirection_scores
 
