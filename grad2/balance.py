@@ -30,16 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from grad2 import targets
+from grad2.defenses import GRAD2
 from grad2.scores import Target
-
-if TYPE_CHECKING:
-    from grad2.defenses import GRAD2
 
 __all__ = ["Balance", "balance_offsets", "balance_target", "dual_value", "marginal_gap"]
 
@@ -138,8 +135,6 @@ def _check_shift(defense: GRAD2, shifted: Target, x: Tensor, probs: Tensor, scor
                  offsets: Tensor) -> None:
     """The shifted target's scores must be ``scores + offsets`` up to a constant per query
     (not so, e.g., for an ensemble whose last linear layer is one member's)."""
-    from grad2.defenses import GRAD2
-
     served = GRAD2(defense.surrogate, defense.epsilon, shifted, defense.score_method,
                    defense.preserve_top1)
     excess = served.scores(x, probs).double() - scores.double() - offsets.double()

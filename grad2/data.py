@@ -463,10 +463,15 @@ def thief_pool(name: str, size: int | None = None, seed: int = 0,
         raise ValueError(f"thief pool must be one of {', '.join(THIEF_POOLS)}, got {name!r}")
     if size is None:
         return pool
-    if not 0 < size <= len(pool):
-        raise ValueError(f"pool size must be in 1..{len(pool)}, got {size}")
-    indices = np.random.default_rng(seed).permutation(len(pool))[:size]
-    return pool.subset(indices)
+    return pool.subset(pool_indices(len(pool), size, seed))
+
+
+def pool_indices(length: int, size: int, seed: int) -> np.ndarray:
+    """``[size]``: the indices of the seeded subset :func:`thief_pool` draws from a pool of
+    ``length`` images."""
+    if not 0 < size <= length:
+        raise ValueError(f"pool size must be in 1..{length}, got {size}")
+    return np.random.default_rng(seed).permutation(length)[:size]
 
 
 # --------------------------------------------------------------------------- fetching

@@ -29,7 +29,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -382,6 +382,11 @@ class Lab:
             raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
         return builders[family]()
 
+    def references(self, pool: str) -> Tensor:
+        """The defender's 2,000 reference images of ``pool`` (seed 99): what the
+        misdirection target and the class balance are computed on."""
+        return to_tensor(thief_pool(pool, size=2000, seed=99).images)
+
     def misdirect_path(self, pool: str, ensemble: bool = False) -> Path:
         """Where :meth:`misdirect_target` caches its tensor file (archives pack it)."""
         return self.folder / "models" / f"misdirect_{pool}{'_ensemble' if ensemble else ''}.pt"
@@ -393,8 +398,8 @@ class Lab:
         surrogate = self.ensemble(pool) if ensemble else self.surrogate(pool)
         if path.exists():
             return targets.load(path, surrogate)
-        references = to_tensor(thief_pool(pool, size=2000, seed=99).images)
-        return targets.load(targets.save(targets.misdirect(surrogate, references), path), surrogate)
+        target = targets.misdirect(surrogate, self.references(pool))
+        return targets.load(targets.save(target, path), surrogate)
 
     def balanced_target(self, pool: str, epsilon: float, preserve_top1: bool) -> dict[str, Tensor]:
         """The misdirection target balanced (:func:`grad2.balance.balance_target`) for this
@@ -405,7 +410,7 @@ class Lab:
         surrogate = self.surrogate(pool)
         if path.exists():
             return targets.load(path, surrogate)
-        references = to_tensor(thief_pool(pool, size=2000, seed=99).images)
+        references = self.references(pool)
         clean = predict_probs(self.victim, references, device=self.device)
         defense = D.GRAD2(surrogate, epsilon, self.misdirect_target(pool),
                           preserve_top1=preserve_top1)
@@ -861,6 +866,48 @@ def markdown_table(results: list[RunResult], victim_accuracy: float) -> str:
             f"{'—' if math.isnan(share) else f'{share:.2f}'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+#: Thieves of :func:`thief_bars`, with their legend labels.
+BAR_THIEVES = (("soft", "soft"), ("prior", "prior-correcting"), ("arch", "other architecture"))
+
+
+def thief_bars(results: list[RunResult], points: Sequence[tuple[str, float, str]], out: Path,
+               title: str) -> None:
+    """Horizontal bars of clone accuracy per ``(family, knob, label)`` point, one panel per
+    pool: the soft, prior-correcting and other-architecture thieves, mean ± std over the
+    seeds recorded (``results`` with the prior rows, :func:`with_prior_rows`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def values(pool: str, thief: str, family: str, knob: float) -> list[float]:
+        return [100 * r.clone_accuracy for r in results
+                if (r.pool, r.thief, r.defense, r.knob) == (pool, thief, family, knob)]
+
+    pools = sorted({r.pool for r in results})
+    figure, axes = plt.subplots(1, len(pools), figsize=(7 * len(pools), 5), sharey=True)
+    width = 0.27
+    for axis, pool in zip(np.atleast_1d(axes), pools):
+        positions = np.arange(len(points))
+        for offset, (thief, label) in enumerate(BAR_THIEVES):
+            cells = [values(pool, thief, family, knob) for family, knob, _ in points]
+            means = [np.mean(c) if c else np.nan for c in cells]
+            errors = [np.std(c, ddof=1) if len(c) > 1 else 0 for c in cells]
+            axis.barh(positions + (offset - 1) * width, means, width, xerr=errors,
+                      label=label, capsize=2)
+        axis.set_yticks(positions, [label for _, _, label in points], fontsize=8)
+        axis.set_xlabel("clone test accuracy (%)")
+        axis.set_title(f"thief pool {pool}", fontsize=10)
+        axis.grid(axis="x", alpha=0.3)
+    # Once: the panels share the y axis, so inverting each would cancel out.
+    np.atleast_1d(axes)[0].invert_yaxis()
+    np.atleast_1d(axes)[0].legend(fontsize=8, loc="lower right")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
 
 
 def plot(results: list[RunResult], out: Path, victim_accuracy: float) -> None:

@@ -491,9 +491,9 @@ def evaluate_watermark(
     lab = Lab(cache_dir() / "eval", progress=progress)
     surrogate = (lab.surrogate(pool) if surrogate_epochs is None
                  else _longer_surrogate(lab, pool, surrogate_epochs, progress))
-    references = to_tensor(thief_pool(pool, size=2000, seed=99).images) if contrast else None
+    reference = lab.references(pool)
     target, secret = create(surrogate, count, secret_seed, style=style, equalize=equalize,
-                            candidates=candidates, references=references)
+                            candidates=candidates, references=reference if contrast else None)
     out.mkdir(parents=True, exist_ok=True)
     secret.save(out / "secret.npz")
     inputs = to_tensor(thief_pool(pool, size=pool_size, seed=0).images)
@@ -504,7 +504,6 @@ def evaluate_watermark(
         for name, model in (("victim", lab.victim), ("surrogate", surrogate),
                             ("other surrogate", lab.surrogate(other)))
     ]
-    reference = to_tensor(thief_pool(pool, size=2000, seed=99).images)
     reference_probs = predict_probs(lab.victim, reference)
     if centre:
         target = targets.centre_scores(surrogate, target, reference)

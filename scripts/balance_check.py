@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from grad2.balance import marginal_gap
-from grad2.data import thief_pool, to_tensor
+from grad2.data import pool_indices, thief_pool, to_tensor
 from grad2.evaluate import DefenseSpec, Lab, apply_defense, receivers
 from grad2.train import predict_probs, set_threads
 
@@ -36,8 +36,8 @@ def main(folder: str) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for pool in ("animal", "fashion_heldout"):
         whole = thief_pool(pool)
-        fitted = np.random.default_rng(99).permutation(len(whole))[:2000]
-        queries = np.random.default_rng(0).permutation(len(whole))[:4000]
+        fitted = pool_indices(len(whole), 2000, seed=99)  # Lab.references
+        queries = pool_indices(len(whole), 4000, seed=0)  # the thief's queries
         other = np.setdiff1d(np.arange(len(whole)), fitted)
         sets = {
             "references": to_tensor(whole.subset(fitted).images),

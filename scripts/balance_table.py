@@ -15,12 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from grad2.evaluate import aggregate, read_journal, with_prior_rows
+from grad2.evaluate import aggregate, read_journal, thief_bars, with_prior_rows
 
 ROWS = (("none", 0.0), ("top1", 0.0), ("grad2_misdirect", 0.25),
         ("grad2_misdirect_balanced", 0.25), ("grad2_misdirect", 0.5),
@@ -41,41 +36,20 @@ def cell(summary: dict, key: tuple) -> str:
     return f"{point['clone']:.1f}{spread}"
 
 
-PLOTTED = (("none", 0.0, "none"), ("top1", 0.0, "top-1 label\n(labels-only floor)"),
-           ("reverse_sigmoid", 0.7, "reverse\nsigmoid 0.7"),
-           ("control_shuffled_balanced_top1", 2.0, "balanced,\nshuffled"),
-           ("grad2_misdirect_top1", 2.0, "misdirection\ntop-1 ε2"),
-           ("grad2_misdirect_balanced_top1", 2.0, "balanced\ntop-1 ε2"))
-
-
-def plot(summary: dict, out: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    width = 0.27
-    for axis, pool, title in zip(axes, POOLS, ("Animal-MNIST queries", "held-out Fashion-MNIST")):
-        for offset, thief in zip((-width, 0, width), ("soft", "prior", "arch")):
-            values = [summary.get((pool, thief, family, knob), {}).get("clone", float("nan"))
-                      for family, knob, _ in PLOTTED]
-            errors = [summary.get((pool, thief, family, knob), {}).get("clone_std", 0.0)
-                      for family, knob, _ in PLOTTED]
-            positions = [index + offset for index in range(len(PLOTTED))]
-            axis.bar(positions, values, width, yerr=[0 if e != e else e for e in errors],
-                     label={"soft": "soft thief", "prior": "prior-correcting thief",
-                            "arch": "other architecture (seed 0)"}[thief], capsize=2)
-        axis.set_xticks(range(len(PLOTTED)), [label for *_, label in PLOTTED], fontsize=7)
-        axis.set_title(title, fontsize=9)
-        axis.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("clone accuracy on Fashion-MNIST test (%)")
-    axes[0].legend(fontsize=7)
-    figure.suptitle("label-keeping defenses (no defender accuracy lost): mean ± std over 3-5 seeds")
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+PLOTTED = (("none", 0.0, "none"), ("top1", 0.0, "top-1 label (labels-only floor)"),
+           ("reverse_sigmoid", 0.7, "reverse sigmoid β0.7"),
+           ("control_shuffled_misdirect_top1", 2.0, "control: shuffled misdirection top-1 ε2"),
+           ("control_shuffled_balanced_top1", 2.0, "control: shuffled balanced top-1 ε2"),
+           ("grad2_misdirect_top1", 2.0, "misdirection top-1 ε2"),
+           ("grad2_misdirect_balanced_top1", 2.0, "balanced misdirection top-1 ε2"))
 
 
 def main(folder: str, png: str | None = None) -> None:
-    summary = aggregate(with_prior_rows(list(read_journal(Path(folder)).values())))
+    runs = with_prior_rows(list(read_journal(Path(folder)).values()))
+    summary = aggregate(runs)
     if png:
-        plot(summary, Path(png))
+        thief_bars(runs, PLOTTED, Path(png), "label-keeping defenses (no defender accuracy "
+                   "lost): mean ± std over 3-5 seeds")
     header = ["defense", "ε"] + [f"{p} {c}" for p in ("Animal", "held-out")
                                   for c in ("L1", "defender %", "soft", "prior", "kept", "arch")]
     print("| " + " | ".join(header) + " |")
