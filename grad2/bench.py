@@ -5,12 +5,14 @@ Everything is timed in one run, on one machine, so the ratios compare like with 
 - **per batch** (1, 8, 32, 128 by default): the victim's forward pass alone (as the handler
   runs it: ``softmax(victim(x))`` under ``inference_mode``) against the victim's forward plus
   each defense — GRAD² with ``jvp``, ``double_backward`` and ``finite_difference`` scores
-  (and ``jvp`` with ``preserve_top1``), MAD, MAD-argmax, reverse sigmoid, random — with a
-  surrogate of the victim's size and one about half its size; and the JVP scores alone
-  against one plain forward pass of the same surrogate on the same batch;
+  (and ``jvp`` with ``preserve_top1``), MAD, MAD-argmax, MAD in closed form, reverse
+  sigmoid, random — with a surrogate of the victim's size and one about half its size;
+  and the JVP scores alone against one plain forward pass of the same surrogate on the
+  same batch;
 - **classes** (10, 100, 1000): GRAD² and MAD on the same trunk with a wider head, MAD both
-  as the library runs it (``vmap(jacrev)`` over the batch) and one query at a time with
-  ``K + 1`` backward passes (its reference code's way), on a few queries;
+  as the library runs it (``vmap(jacrev)`` over the batch), one query at a time with
+  ``K + 1`` backward passes (its reference code's way), on a few queries, and in closed form
+  (the same answers from the surrogate's probabilities alone, no Jacobian);
 - **reference-style GRAD²**: double-backward scores and a per-example Python loop for the
   greedy step, against the vectorised defense, at batch 32 (K = 10 and 1000);
 - **solver alone** on a 10,000 x 1,000 batch against one torchvision ResNet-18 forward of
@@ -324,6 +326,7 @@ def defense_factories(setup: Setup, surrogates: dict[str, nn.Module]
         rows.append(("grad2_jvp_top1", size, GRAD2(surrogate, eps, preserve_top1=True)))
         rows.append(("mad", size, MAD(surrogate, eps)))
         rows.append(("mad_argmax", size, MADArgmax(surrogate, eps)))
+        rows.append(("mad_closed_form", size, MAD(surrogate, eps, closed_form=True)))
     rows.append(("reverse_sigmoid", None, ReverseSigmoid()))
     rows.append(("random", None, RandomNoise(eps, seed=setup.seed)))
     return rows
@@ -423,6 +426,12 @@ def classes_section(setup: Setup, timer: Timer, class_counts: Sequence[int], bat
                 f"MAD's last-layer Jacobian needs about {per_query / 2**30:.1f} GiB per query "
                 f"(limit {setup.mad_memory_bytes / 2**30:.1f} GiB, --mad-memory-gb)"
             )
+        closed = MAD(surrogate, setup.epsilon, closed_form=True)
+        items.append(Item("mad_closed_form", lambda d=closed, p=probs: d(x, p)))
+        if mad_batch >= 1:  # the closed form must answer as the Jacobian MAD does
+            record["mad_closed_form_max_abs_difference"] = float(
+                (closed(x[:mad_batch], probs[:mad_batch])
+                 - MAD(surrogate, setup.epsilon)(x[:mad_batch], probs[:mad_batch])).abs().max())
         loop_queries = min(batch, setup.mad_loop_queries)
         record["mad_loop_queries"] = loop_queries
         if loop_queries >= 1:
@@ -446,6 +455,9 @@ def classes_section(setup: Setup, timer: Timer, class_counts: Sequence[int], bat
             record["mad_per_query_s"] = record["mad_s"] / mad_batch
             record["mad_over_grad2"] = (paired_ratio(summaries["mad"], grad2_timing)
                                         * batch / mad_batch)
+        record["mad_closed_form_per_query_s"] = summaries["mad_closed_form"]["median_s"] / batch
+        record["mad_closed_form_over_grad2"] = paired_ratio(summaries["mad_closed_form"],
+                                                            grad2_timing)
         if "mad_loop" in summaries:
             record["mad_loop_per_query_s"] = summaries["mad_loop"]["median_s"] / loop_queries
             record["mad_loop_over_grad2"] = (paired_ratio(summaries["mad_loop"], grad2_timing)
@@ -583,6 +595,9 @@ def goals(result: dict[str, Any], goal_batch: int) -> list[dict[str, Any]]:
         all(b > a for a, b in itertools.pairwise(measured)) if len(measured) > 1 else None
     )
     out[-1]["by_classes"] = {c["classes"]: c.get("mad_over_grad2") for c in result["classes"]}
+    # The same MAD in closed form (no Jacobian): what the goal's premise leaves out.
+    out[-1]["closed_form_by_classes"] = {c["classes"]: c.get("mad_closed_form_over_grad2")
+                                         for c in result["classes"]}
     reference = [r for r in result["reference"] if r["classes"] == 10]
     add("vectorised_over_reference", reference[0]["speedup"] if reference else None, False,
         "reference-style GRAD² / vectorised GRAD², K=10, batch "
@@ -645,16 +660,19 @@ def format_table(result: dict[str, Any]) -> str:
         lines += ["", "classes (same trunk, batch "
                   f"{result['classes'][0]['batch']}): per-query ms"]
         lines.append(f"{'K':>6s} | {'victim':>9s} | {'GRAD² jvp':>9s} | {'MAD':>9s} | "
-                     f"{'MAD/GRAD²':>9s} | {'MAD loop':>9s} | {'loop/GRAD²':>10s}")
+                     f"{'MAD/GRAD²':>9s} | {'MAD loop':>9s} | {'loop/GRAD²':>10s} | "
+                     f"{'MAD closed':>10s} | {'closed/GRAD²':>12s}")
         for c in result["classes"]:
             mad = _ms(c.get("mad_per_query_s")) if "mad_s" in c else "skipped"
             ratio = f"{c['mad_over_grad2']:.1f}x" if "mad_over_grad2" in c else "-"
             loop = _ms(c.get("mad_loop_per_query_s"))
             loop_ratio = (f"{c['mad_loop_over_grad2']:.1f}x" if "mad_loop_over_grad2" in c
                           else "-")
+            closed = (f"{_ms(c['mad_closed_form_per_query_s']):>10s} | "
+                      f"{c['mad_closed_form_over_grad2']:>11.2f}x")
             lines.append(f"{c['classes']:>6d} | {_ms(c['victim_s'] / c['batch']):>9s} | "
                          f"{_ms(c['grad2_per_query_s']):>9s} | {mad:>9s} | {ratio:>9s} | "
-                         f"{loop:>9s} | {loop_ratio:>10s}")
+                         f"{loop:>9s} | {loop_ratio:>10s} | {closed}")
             if "mad_skipped" in c:
                 lines.append(f"         MAD skipped: {c['mad_skipped']}")
     if result.get("reference"):
@@ -690,7 +708,12 @@ def format_table(result: dict[str, Any]) -> str:
             by_k = ", ".join(f"K={k}: " + ("-" if v is None else f"{v:.1f}x")
                              for k, v in g["by_classes"].items())
             grows = f"; grows with K: {g['grows_with_k']}" if "grows_with_k" in g else ""
-            extra = f" [{by_k}{grows}]"
+            closed = ""
+            if g.get("closed_form_by_classes"):
+                closed = "; MAD in closed form / GRAD²: " + ", ".join(
+                    f"K={k}: " + ("-" if v is None else f"{v:.2f}x")
+                    for k, v in g["closed_form_by_classes"].items())
+            extra = f" [{by_k}{grows}{closed}]"
         lines.append(f"  {g['goal']}: {value} {g['comparison']} {g['threshold']:g} → "
                      f"{verdict} — {g['detail']}{extra}")
     return "\n".join(lines)

@@ -372,17 +372,28 @@ class MAD(Defense):
     last linear layer (``K`` backward passes, vectorised with ``vmap(jacrev)``); among the
     ``K`` one-hot vertices, the one whose gradient ``Gᵀe_k`` deviates most in angle from
     the clean ``Gᵀy``; then a step from ``y`` toward it, within the L1 budget.
+
+    With ``closed_form=True`` the same choice is made without the Jacobian. When the logits
+    are the last layer's output, ``z = W h + b``, row ``k`` of ``G`` is ``(e_k − s) ⊗ [h, 1]``
+    (``s`` the surrogate's probabilities), so ``Gᵀa = (a − s) ⊗ [h, 1]`` for every ``a`` on
+    the simplex and the angle between ``Gᵀe_k`` and ``Gᵀy`` is the angle between
+    ``e_k − s`` and ``y − s``: one surrogate forward and ``O(K)`` per query
+    (:func:`last_layer_mad_deviation`). Each call checks that the surrogate's output is the
+    last ``nn.Linear``'s output, and refuses it otherwise.
     """
 
     method = "mad"
     keep_top1: ClassVar[bool] = False
     plans_batches = True
 
-    def __init__(self, surrogate: nn.Module, epsilon: float) -> None:
+    def __init__(self, surrogate: nn.Module, epsilon: float, closed_form: bool = False) -> None:
         if not isinstance(surrogate, nn.Module):
             raise ValueError(f"{type(self).__name__} needs a surrogate nn.Module")
+        if not isinstance(closed_form, bool):
+            raise ValueError(f"closed_form must be true or false, got {closed_form!r}")
         self.surrogate = surrogate.eval()
         self.epsilon = _check_epsilon(epsilon)
+        self.closed_form = closed_form
         self.last_layer = _last_linear_names(surrogate)
 
     @classmethod
@@ -404,17 +415,42 @@ class MAD(Defense):
             jacobian = vmap(jacrev(log_probs), in_dims=(None, 0))(last, x)
         return torch.cat([jacobian[n].flatten(2) for n in self.last_layer], dim=2).detach()
 
+    def last_layer_logits(self, x: Tensor) -> Tensor:
+        """``[B, K]``: the surrogate's logits, checked to be its last ``nn.Linear``'s output
+        (what the closed form assumes)."""
+        layer = self.surrogate.get_submodule(self.last_layer[0].rsplit(".", 1)[0])
+        captured: list[Tensor] = []
+        handle = layer.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            with torch.inference_mode():
+                logits = self.surrogate(x)
+        finally:
+            handle.remove()
+        if not captured or not torch.equal(captured[-1], logits):
+            raise ValueError("closed-form MAD needs a surrogate whose output is its last "
+                             "nn.Linear's output; use closed_form=False")
+        return logits
+
     def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
+        if self.closed_form:
+            return self.last_layer_logits(x)
         return self.last_layer_jacobian(x.clone() if x.is_inference() else x)
 
-    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
-        if self.epsilon == 0:
-            return probs.clone()
+    def deviation(self, x: Tensor, probs: Tensor) -> Tensor:
+        """``[B, K]``: squared distance between the normalised ``Gᵀe_k`` and ``Gᵀy``."""
+        if self.closed_form:
+            surrogate_probs = torch.softmax(self.last_layer_logits(x).to(probs.dtype), dim=1)
+            return last_layer_mad_deviation(surrogate_probs, probs)
         x = x.clone() if x.is_inference() else x
         jacobian = self.last_layer_jacobian(x).to(probs.dtype)  # [B, K, P]
         clean = torch.nn.functional.normalize(torch.einsum("bk,bkp->bp", probs, jacobian), dim=1)
         vertices = torch.nn.functional.normalize(jacobian, dim=2)
-        deviation = (vertices - clean.unsqueeze(1)).pow(2).sum(dim=2)  # [B, K]
+        return (vertices - clean.unsqueeze(1)).pow(2).sum(dim=2)
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        if self.epsilon == 0:
+            return probs.clone()
+        deviation = self.deviation(x, probs)
         # Step size toward each vertex e_k so that ‖ỹ − y‖₁ = 2 α (1 − y_k) ≤ ε.
         distance = 2 * (1 - probs)
         step = torch.where(
@@ -426,6 +462,25 @@ class MAD(Defense):
         alpha = step.gather(1, vertex)
         one_hot = torch.zeros_like(probs).scatter_(1, vertex, 1.0)
         return (1 - alpha) * probs + alpha * one_hot
+
+
+def last_layer_mad_deviation(surrogate_probs: Tensor, probs: Tensor) -> Tensor:
+    """``[B, K]``: MAD's last-layer deviation ``‖n(e_k − s) − n(y − s)‖²`` in closed form.
+
+    ``surrogate_probs`` (``s``) and ``probs`` (``y``) are ``[B, K]``; ``n`` normalises (a zero
+    vector stays zero, as :func:`torch.nn.functional.normalize` leaves it). Equals the
+    deviation computed from the Jacobian ``G`` of the log-probabilities w.r.t. a last linear
+    layer, since ``Gᵀa = (a − s) ⊗ [h, 1]`` on the simplex.
+    """
+    # Σ_k y_k (e_k − s) = y − s·Σy: exact even where the answer's mass is not exactly 1.
+    clean = torch.nn.functional.normalize(probs - surrogate_probs * probs.sum(1, keepdim=True),
+                                          dim=1)
+    # ‖e_k − s‖² = 1 − 2 s_k + ‖s‖²; (e_k − s)·n(y − s) = n_k − s·n.
+    vertex_norm = (1 - 2 * surrogate_probs + surrogate_probs.pow(2).sum(1, keepdim=True))
+    vertex_norm = vertex_norm.clamp_min(0).sqrt().clamp_min(1e-12)
+    cosine = (clean - (surrogate_probs * clean).sum(1, keepdim=True)) / vertex_norm
+    clean_norm = clean.pow(2).sum(1, keepdim=True)  # 1, or 0 where y = s
+    return 1 + clean_norm - 2 * cosine
 
 
 class MADArgmax(MAD):

@@ -54,7 +54,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
 
     names = {(r["name"], r["surrogate"]) for r in result["per_batch"]}
     for method in ("grad2_jvp", "grad2_double_backward", "grad2_finite_difference",
-                   "grad2_jvp_top1", "mad", "mad_argmax"):
+                   "grad2_jvp_top1", "mad", "mad_argmax", "mad_closed_form"):
         for size in ("same", "half"):
             assert (f"victim+{method}", size) in names
     assert {("victim", None), ("victim+reverse_sigmoid", None), ("victim+random", None)} <= names
@@ -65,6 +65,8 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
     assert [r["classes"] for r in result["reference"]] == [10, 20]
     assert all(r["max_abs_difference"] < 1e-4 for r in result["reference"])  # GRAD²s agree
     assert all(c["mad_loop_max_abs_difference"] < 1e-4 for c in result["classes"])  # MADs too
+    assert all(c["mad_closed_form_max_abs_difference"] < 1e-4 for c in result["classes"])
+    assert all(c["mad_closed_form_over_grad2"] > 0 for c in result["classes"])
     assert result["solver"]["resnet18_input"] == [1, 3, 32, 32]
     assert {g["goal"] for g in result["goals"]} == set(bench.GOALS)
 
@@ -85,6 +87,7 @@ def test_mad_too_big_for_the_memory_limit_is_skipped_with_a_reason(tmp_path):
     (record,) = json.loads(out.read_text())["classes"]
     assert "GiB per query" in record["mad_skipped"] and "mad_s" not in record
     assert record["mad_loop_per_query_s"] > 0  # the one-query-at-a-time MAD still runs
+    assert record["mad_closed_form_per_query_s"] > 0  # so does the closed form (no Jacobian)
 
 
 def test_quick_defaults_and_argument_checks():

@@ -31,6 +31,7 @@ from grad2.defenses import (
     ShuffledScores,
     Top1,
     build_defense,
+    last_layer_mad_deviation,
 )
 from grad2.redirect import redirect
 from grad2.scores import redirection_scores
@@ -395,6 +396,42 @@ def test_mad_argmax_keeps_the_label(setup, eps):
     mad = MAD(model, eps)(x, probs)
     same = (mad.argmax(1) == probs.argmax(1)) & ~tied
     assert torch.allclose(out[same], mad[same], atol=1e-15, rtol=0)
+
+
+def test_closed_form_mad_deviation_equals_the_jacobian_one(setup):
+    # Two independent computations: the explicit backward loop's Jacobian, and the
+    # identity Gᵀa = (a − s) ⊗ [h, 1] (which needs only the surrogate's probabilities s).
+    model, x, probs = setup
+    jacobian = explicit_last_layer_jacobian(model, x)
+    clean = torch.nn.functional.normalize(torch.einsum("bk,bkp->bp", probs, jacobian), dim=1)
+    vertices = torch.nn.functional.normalize(jacobian, dim=2)
+    expected = (vertices - clean.unsqueeze(1)).pow(2).sum(dim=2)
+    with torch.no_grad():
+        surrogate_probs = torch.softmax(model(x), dim=1)
+    got = last_layer_mad_deviation(surrogate_probs, probs)
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+    assert torch.allclose(MAD(model, 0.5, closed_form=True).deviation(x, probs), expected,
+                          atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [MAD, MADArgmax])
+@pytest.mark.parametrize("eps", [0.2, 0.9, 2.0])
+def test_closed_form_mad_answers_as_the_jacobian_mad(setup, cls, eps):
+    model, x, probs = setup
+    jacobian_answers = cls(model, eps)(x, probs)
+    closed_answers = cls(model, eps, closed_form=True)(x, probs)
+    assert torch.allclose(closed_answers, jacobian_answers, atol=1e-12, rtol=0)
+
+
+def test_closed_form_mad_refuses_a_surrogate_with_a_layer_after_the_last_linear(setup):
+    _, x, probs = setup
+    torch.manual_seed(1)
+    squashed = nn.Sequential(nn.Flatten(), nn.Linear(144, K), nn.Tanh()).double()
+    with pytest.raises(ValueError, match=r"last nn\.Linear"):
+        MAD(squashed, 0.5, closed_form=True)(x, probs)
+    MAD(squashed, 0.5)(x, probs)  # the Jacobian MAD has no such assumption
+    with pytest.raises(ValueError, match="closed_form"):
+        MAD(squashed, 0.5, closed_form="yes")
 
 
 def test_mad_needs_a_linear_last_layer():
