@@ -55,8 +55,9 @@ from grad2.defenses import (
     RandomNoise,
     ReverseSigmoid,
 )
+from grad2.folding import folded_inputs
 from grad2.redirect import redirect
-from grad2.scores import _jvp_scores, redirection_scores, tangent_like
+from grad2.scores import _folded, _jvp_scores, redirection_scores, tangent_like
 
 #: The victim's input: one-channel 28x28 images (Fashion-MNIST-like, normalised).
 INPUT_SHAPE = (1, 28, 28)
@@ -240,9 +241,13 @@ def jvp_function(model: nn.Module, target: dict[str, Tensor]) -> Callable[[Tenso
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     tangents = tangent_like(params, target)
+    network, folded = model, _folded(model)  # batch-norms folded, as the library does
+    if folded is not None:
+        network = folded.module
+        params, tangents, buffers = folded_inputs(folded, params, tangents, buffers)
 
     def scores(x: Tensor) -> Tensor:
-        return _jvp_scores(model, params, buffers, tangents, x)
+        return _jvp_scores(network, params, buffers, tangents, x)
 
     return scores
 
@@ -353,13 +358,17 @@ def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dic
             items.append(Item("jvp_scores",
                               lambda x=x, s=surrogate, t=target: redirection_scores(s, x, t),
                               {"batch": batch, "surrogate": size}))
+            items.append(Item("jvp_scores_unfolded",  # what batch-norm folding saves
+                              lambda x=x, s=surrogate, t=target: redirection_scores(
+                                  s, x, t, fold=False),
+                              {"batch": batch, "surrogate": size}))
             if batch == 1:  # what computing a lone query as a batch of two costs
                 kernel = jvp_function(surrogate, target)
                 items.append(Item("jvp_scores_batch_of_one", lambda x=x, f=kernel: f(x),
                                   {"batch": batch, "surrogate": size}))
         summaries = timer.run(items, f"batch {batch}")
         for summary in summaries:
-            if summary["name"] in ("surrogate_forward", "jvp_scores",
+            if summary["name"] in ("surrogate_forward", "jvp_scores", "jvp_scores_unfolded",
                                    "jvp_scores_batch_of_one"):
                 scores_records.append(summary)
                 continue
@@ -372,10 +381,13 @@ def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dic
         for size in surrogates:
             forward = _find(scores_records, "surrogate_forward", batch, size)
             jvp = _find(scores_records, "jvp_scores", batch, size)
+            unfolded = _find(scores_records, "jvp_scores_unfolded", batch, size)
             record = {"batch": batch, "surrogate": size, "forward_s": forward["median_s"],
                       "jvp_s": jvp["median_s"], "ratio": paired_ratio(jvp, forward),
                       "ratio_of_medians": jvp["median_s"] / forward["median_s"],
-                      "forward": forward, "jvp": jvp}
+                      "jvp_unfolded_s": unfolded["median_s"],
+                      "unfolded_ratio": paired_ratio(unfolded, forward),
+                      "forward": forward, "jvp": jvp, "jvp_unfolded": unfolded}
             if batch == 1:
                 raw = _find(scores_records, "jvp_scores_batch_of_one", batch, size)
                 record["jvp_batch_of_one_s"] = raw["median_s"]
@@ -651,6 +663,12 @@ def format_table(result: dict[str, Any]) -> str:
             cell = f"{_ms(s['jvp_s'])}/{_ms(s['forward_s'])} {s['ratio']:.1f}x"
             cells.append(f" | {cell:>16s}")
         lines.append(f"{'  surrogate ' + size:44s}" + "".join(cells))
+        cells = []
+        for batch in batches:
+            s = next(r for r in result["scores"] if r["batch"] == batch and r["surrogate"] == size)
+            cell = f"{_ms(s['jvp_unfolded_s'])} {s['unfolded_ratio']:.1f}x"
+            cells.append(f" | {cell:>16s}")
+        lines.append(f"{'    batch-norms not folded':44s}" + "".join(cells))
     lone = [s for s in result["scores"] if "jvp_batch_of_one_s" in s]
     for s in lone:
         lines.append(f"  lone query, {s['surrogate']} surrogate: JVP as a batch of two "

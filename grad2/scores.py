@@ -6,8 +6,10 @@ computations are offered (they agree to numerical precision; the tests check it)
 
 - ``"jvp"``: forward mode (``torch.autograd.forward_ad`` dual parameters through
   ``torch.func.functional_call``); one pass, about two to three forward passes of cost,
-  independent of ``K``. ``"jvp_cheap"`` is the same with the cheaper forward-mode rules
-  of :mod:`grad2.fast_tangents` for batch-norm, max-pool, ReLU and first-layer
+  independent of ``K``. Eval batch-norms that follow a convolution are folded into it
+  first (:mod:`grad2.folding`: same scores up to rounding, 15-25% cheaper).
+  ``"jvp_cheap"`` is the same with the cheaper forward-mode rules of
+  :mod:`grad2.fast_tangents` for batch-norm, max-pool, ReLU and first-layer
   convolutions (opt-in: faster at batch 16-32, slower for a lone query).
 - ``"double_backward"``: reverse over reverse, ``∂⟨∇_θ Σ u·ℓ, t⟩/∂u``, the way the
   authors' code computes it.
@@ -23,6 +25,7 @@ default GEMM gives a row other last bits depending on the number of rows.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -33,6 +36,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from grad2.fast_tangents import CheapTangents
+from grad2.folding import FoldedNetwork, fold_batch_norm, folded_inputs
 
 Target = Mapping[str, Tensor]
 #: ``jvp_cheap`` is ``jvp`` with the cheaper forward-mode rules of
@@ -43,11 +47,12 @@ METHODS = ("jvp", "jvp_cheap", "double_backward", "finite_difference")
 
 
 def redirection_scores(
-    model: nn.Module, x: Tensor, target: Target, method: str = "jvp"
+    model: nn.Module, x: Tensor, target: Target, method: str = "jvp", fold: bool = True
 ) -> Tensor:
     """``[B, K]`` scores ``c = G t`` of ``model`` at inputs ``x`` (``[B, ...]``).
 
-    Parameters missing from ``target`` get a zero direction.
+    Parameters missing from ``target`` get a zero direction. ``fold=False`` runs the JVP
+    methods on ``model`` as it is, without folding its batch-norms (for comparisons).
     """
     try:
         compute = _METHODS[method]
@@ -67,8 +72,31 @@ def redirection_scores(
     tangents = tangent_like(params, target)
     buffers = dict(model.named_buffers())
     with eval_mode(model), torch.enable_grad():
-        scores = compute(model, params, buffers, tangents, x).detach()
+        network = model
+        if fold and method in _FOLDING_METHODS:
+            folded = _folded(model)
+            if folded is not None:
+                network = folded.module
+                params, tangents, buffers = folded_inputs(folded, params, tangents, buffers)
+        scores = compute(network, params, buffers, tangents, x).detach()
     return scores[:1] if alone else scores
+
+
+_FOLDING_METHODS = ("jvp", "jvp_cheap")
+#: The folded trace of each network seen (None: nothing to fold), until it is collected.
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedNetwork | None] = (
+    weakref.WeakKeyDictionary())
+
+
+def _folded(model: nn.Module) -> FoldedNetwork | None:
+    """``model``'s batch-norm-folded trace, made on first use (in eval mode, so that mode
+    checks in ``forward`` are traced as they run here) and again if its submodules change."""
+    if model in _FOLDED:
+        folded = _FOLDED[model]
+        if folded is None or folded.matches(model):
+            return folded
+    _FOLDED[model] = folded = fold_batch_norm(model)
+    return folded
 
 
 def tangent_like(params: Mapping[str, Tensor], target: Target) -> dict[str, Tensor]:

@@ -35,9 +35,10 @@ def gaussian_target(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def both_scores(monkeypatch, model, x, target) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cheap, generic)`` JVP scores of the same call."""
-    generic = redirection_scores(model, x, target, "jvp")
-    return redirection_scores(model, x, target, "jvp_cheap"), generic
+    """``(cheap, generic)`` JVP scores of the same call, batch-norms not folded (so that the
+    cheap batch-norm rule is compared; tests/test_folding.py compares the folding)."""
+    generic = redirection_scores(model, x, target, "jvp", fold=False)
+    return redirection_scores(model, x, target, "jvp_cheap", fold=False), generic
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -249,11 +250,14 @@ def test_mode_is_only_active_inside_jvp_scores():
     assert not torch.overrides._get_current_function_mode_stack()
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("small_cnn", {"_conv2d", "_batch_norm", "_relu", "_max_pool2d"}),
-    ("resnet18", {"_conv2d", "_batch_norm", "_relu"}),  # its stem pool overlaps: fallback
+@pytest.mark.parametrize(("name", "fold", "expected"), [
+    ("small_cnn", False, {"_conv2d", "_batch_norm", "_relu", "_max_pool2d"}),
+    ("resnet18", False, {"_conv2d", "_batch_norm", "_relu"}),  # its stem pool overlaps
+    # Folded (the default), every batch-norm of both has gone into its convolution.
+    ("small_cnn", True, {"_conv2d", "_relu", "_max_pool2d"}),
+    ("resnet18", True, {"_conv2d", "_relu"}),
 ])
-def test_which_cheap_rules_a_model_uses(monkeypatch, name, expected):
+def test_which_cheap_rules_a_model_uses(monkeypatch, name, fold, expected):
     used: set[str] = set()
 
     def counting(handler):
@@ -269,5 +273,6 @@ def test_which_cheap_rules_a_model_uses(monkeypatch, name, expected):
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = warmed(build(), shape, torch.float32)
-    redirection_scores(model, torch.randn(32, *shape), gaussian_target(model, 1), "jvp_cheap")
+    redirection_scores(model, torch.randn(32, *shape), gaussian_target(model, 1), "jvp_cheap",
+                       fold=fold)
     assert used == expected
