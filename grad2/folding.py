@@ -15,15 +15,16 @@ float rounding (the tests compare them with the unfolded JVP and with double bac
 
 :func:`fold_batch_norm` traces a network once with ``torch.fx`` (``None`` when it cannot be
 traced or has no convolution/batch-norm pair to fold); :func:`folded_inputs` maps the
-current parameters, their tangents and the buffers onto the folded network on every call,
-so in-place parameter updates are always seen.
+current parameters, their tangents and the buffers onto the folded network, refolding
+whenever one of the tensors it reads has been replaced or updated in place.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor, fx, nn
@@ -53,6 +54,26 @@ class FoldedNetwork:
     module: fx.GraphModule
     pairs: tuple[FoldPair, ...]
     leaves: tuple[tuple[str, nn.Module], ...]
+    #: The last folded values with the tensors (and their versions) they came from.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def replaced(self) -> frozenset[str]:
+        """The original parameter names the folded convolutions replace."""
+        names = set()
+        for pair in self.pairs:
+            names.add(f"{pair.conv}.weight")
+            if pair.conv_bias:
+                names.add(f"{pair.conv}.bias")
+            if pair.affine:
+                names.update((f"{pair.norm}.weight", f"{pair.norm}.bias"))
+        return frozenset(names)
+
+    @cached_property
+    def statistics(self) -> tuple[str, ...]:
+        """The running statistics the fold reads."""
+        return tuple(f"{pair.norm}.{kind}" for pair in self.pairs
+                     for kind in ("running_mean", "running_var"))
 
     def matches(self, model: nn.Module) -> bool:
         """Does ``model`` still hold the submodules it was traced with?"""
@@ -114,32 +135,68 @@ def folded_inputs(
     buffers: Mapping[str, Tensor],
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """``(params, tangents, buffers)`` of ``folded.module`` from the original network's
-    (all keyed like ``named_parameters()`` / ``named_buffers()``)."""
-    params, tangents = dict(params), dict(tangents)
-    buffers = dict(buffers)
+    (all keyed like ``named_parameters()`` / ``named_buffers()``).
+
+    The folded values are reused while every tensor they come from is the same memory at
+    the same version (an in-place update bumps it), so a served network pays the fold once.
+    """
+    owned = folded.replaced
+    sources = ([params[n] for n in owned] + [tangents[n] for n in owned]
+               + [buffers[n] for n in folded.statistics])
+    key = _versions(sources)
+    if key is not None and folded.cache.get("key") == key:
+        folded_params, folded_tangents = folded.cache["values"]
+    else:
+        folded_params, folded_tangents = _fold(folded, params, tangents, buffers)
+        # The sources are kept with the key so that their memory cannot be reused meanwhile.
+        folded.cache.update(key=key, sources=sources, values=(folded_params, folded_tangents))
+    norms = tuple(f"{pair.norm}." for pair in folded.pairs)
+    params = {n: v for n, v in params.items() if n not in owned} | folded_params
+    tangents = {n: v for n, v in tangents.items() if n not in owned} | folded_tangents
+    buffers = {n: v for n, v in buffers.items() if not n.startswith(norms)}
+    return params, tangents, buffers
+
+
+def _versions(tensors: list[Tensor]) -> tuple | None:
+    """Where each tensor's data lives and its version: ``p.detach()`` of the same parameter
+    gives a new object each call but the same memory and version counter."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.shape, t.stride()) for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter: never cache
+        return None
+
+
+def _fold(
+    folded: FoldedNetwork,
+    params: Mapping[str, Tensor],
+    tangents: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The folded convolutions' ``(params, tangents)``."""
+    folded_params: dict[str, Tensor] = {}
+    folded_tangents: dict[str, Tensor] = {}
     for pair in folded.pairs:
-        weight, weight_t = params.pop(f"{pair.conv}.weight"), tangents.pop(f"{pair.conv}.weight")
-        mean = buffers.pop(f"{pair.norm}.running_mean")
-        inv_std = torch.rsqrt(buffers.pop(f"{pair.norm}.running_var") + pair.eps)
-        buffers.pop(f"{pair.norm}.num_batches_tracked", None)
+        weight, weight_t = params[f"{pair.conv}.weight"], tangents[f"{pair.conv}.weight"]
+        mean = buffers[f"{pair.norm}.running_mean"]
+        inv_std = torch.rsqrt(buffers[f"{pair.norm}.running_var"] + pair.eps)
         if pair.affine:
-            gamma, gamma_t = params.pop(f"{pair.norm}.weight"), tangents.pop(f"{pair.norm}.weight")
-            beta, beta_t = params.pop(f"{pair.norm}.bias"), tangents.pop(f"{pair.norm}.bias")
+            gamma, gamma_t = params[f"{pair.norm}.weight"], tangents[f"{pair.norm}.weight"]
+            beta, beta_t = params[f"{pair.norm}.bias"], tangents[f"{pair.norm}.bias"]
             scale, scale_t = gamma * inv_std, gamma_t * inv_std
         else:
             scale = inv_std
             scale_t = beta = beta_t = torch.zeros_like(inv_std)
         if pair.conv_bias:
-            bias, bias_t = params.pop(f"{pair.conv}.bias"), tangents.pop(f"{pair.conv}.bias")
+            bias, bias_t = params[f"{pair.conv}.bias"], tangents[f"{pair.conv}.bias"]
             centred = bias - mean
         else:
             centred, bias_t = -mean, None
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        params[f"{pair.conv}.weight"] = weight * scale.view(shape)
-        tangents[f"{pair.conv}.weight"] = (weight_t * scale.view(shape)
-                                           + weight * scale_t.view(shape))
-        params[f"{pair.conv}.bias"] = centred * scale + beta
+        folded_params[f"{pair.conv}.weight"] = weight * scale.view(shape)
+        folded_tangents[f"{pair.conv}.weight"] = (weight_t * scale.view(shape)
+                                                  + weight * scale_t.view(shape))
+        folded_params[f"{pair.conv}.bias"] = centred * scale + beta
         folded_bias_t = centred * scale_t + beta_t
-        tangents[f"{pair.conv}.bias"] = (folded_bias_t if bias_t is None
-                                         else bias_t * scale + folded_bias_t)
-    return params, tangents, buffers
+        folded_tangents[f"{pair.conv}.bias"] = (folded_bias_t if bias_t is None
+                                                else bias_t * scale + folded_bias_t)
+    return folded_params, folded_tangents

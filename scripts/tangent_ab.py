@@ -1,10 +1,12 @@
-"""Interleaved A/B of the two JVP rules, ``jvp`` against ``jvp_cheap`` (docs/performance.md,
-"Cheaper tangents").
+"""Interleaved A/B of the JVP variants: the two rules ``jvp`` and ``jvp_cheap``, each with
+and without batch-norm folding (docs/performance.md, "Cheaper tangents" and "Batch-norm
+folding").
 
 For one architecture and each batch size: the victim's forward alone, one plain forward
-of the surrogate, victim + GRAD² and the JVP scores, each with both rules, timed in
-interleaved rounds on one thread; prints medians (ms) and the medians of per-round ratios.
-A lone query's JVP runs as a batch of two, as the library does.
+of the surrogate, and for each variant victim + GRAD² (the victim's forward, the scores
+and the solver) and the JVP scores alone, timed in interleaved rounds on one thread;
+prints medians (ms) and the medians of per-round ratios. A lone query's JVP runs as a
+batch of two, as the library does.
 
 Run: ``.venv/bin/python scripts/tangent_ab.py small_cnn 1,28,28 1,16,32 25``
 (also ``wide_cnn``, ``torchvision:resnet18 3,32,32``, ``torchvision:mobilenet_v3_small
@@ -26,7 +28,9 @@ from grad2.defenses import GRAD2
 from grad2.models import build_model
 from grad2.scores import redirection_scores
 
-RULES = ("jvp", "jvp_cheap")
+#: (label, score rule, fold batch-norms)
+VARIANTS = (("jvp", "jvp", True), ("jvp unfolded", "jvp", False),
+            ("jvp_cheap", "jvp_cheap", True), ("jvp_cheap unfolded", "jvp_cheap", False))
 
 
 def timed_rounds(items: dict[str, Callable[[], object]], rounds: int, calls: int
@@ -64,7 +68,7 @@ def main() -> None:
     torch.manual_seed(1)
     surrogate = build_model(args.arch, 10, shape[0]).eval()
     target = targets.all_ones(surrogate)
-    defenses = {rule: GRAD2(surrogate, 0.5, target, score_method=rule) for rule in RULES}
+    defense = GRAD2(surrogate, 0.5, target)
     for batch in (int(part) for part in args.batches.split(",")):
         x = torch.randn(batch, *shape)
 
@@ -74,17 +78,22 @@ def main() -> None:
 
         items: dict[str, Callable[[], object]] = {
             "victim": lambda x=x: victim_forward(victim, x), "forward": forward}
-        for rule in RULES:
-            items[f"defended {rule}"] = (
-                lambda x=x, d=defenses[rule]: d(x, victim_forward(victim, x)))
-            items[f"scores {rule}"] = (
-                lambda x=x, r=rule: redirection_scores(surrogate, x, target, r))
+        for label, rule, fold in VARIANTS:
+            def scores(x: torch.Tensor = x, rule: str = rule, fold: bool = fold) -> torch.Tensor:
+                return redirection_scores(surrogate, x, target, rule, fold=fold)
+
+            def defended(x: torch.Tensor = x, scores: Callable = scores) -> torch.Tensor:
+                probs = victim_forward(victim, x)
+                return defense.solve(probs, scores(x).to(probs.dtype))
+
+            items[f"defended {label}"], items[f"scores {label}"] = defended, scores
         times = timed_rounds(items, args.rounds, max(2, 64 // batch))
 
         medians = " ".join(f"{name} {statistics.median(t):.2f}" for name, t in times.items())
         ratios = " ".join(
-            f"{rule}: scores/forward {ratio(times, f'scores {rule}', 'forward'):.2f}, "
-            f"defended/victim {ratio(times, f'defended {rule}', 'victim'):.2f};" for rule in RULES)
+            f"{label}: scores/forward {ratio(times, f'scores {label}', 'forward'):.2f}, "
+            f"defended/victim {ratio(times, f'defended {label}', 'victim'):.2f};"
+            for label, _, _ in VARIANTS)
         print(f"{args.arch} B={batch}: {medians} ms | {ratios}", flush=True)
 
 

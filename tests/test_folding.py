@@ -133,13 +133,17 @@ def test_parameter_updates_and_replaced_submodules_are_seen():
     target = gaussian_target(model, 5)
     redirection_scores(model, x, target)
     first = _FOLDED[model]
+    values = first.cache["values"]
+    redirection_scores(model, x, target)
+    assert first.cache["values"] is values  # nothing changed: the fold is reused
     with torch.no_grad():  # in place, as an optimiser step or load_state_dict does
         model[1].weight.mul_(1.5)
         model[1].running_var.add_(0.3)
         model[4].weight.add_(0.1)
     assert relative_error(redirection_scores(model, x, target),
                           redirection_scores(model, x, target, fold=False)) <= 1e-12
-    assert _FOLDED[model] is first  # parameters are folded on every call, the trace kept
+    assert _FOLDED[model] is first  # the trace is kept, the fold redone
+    assert first.cache["values"] is not values
     replacement = nn.BatchNorm2d(32).double().eval()
     replacement.running_mean.normal_()
     model[5] = replacement
