@@ -198,11 +198,21 @@ def _fold(
         else:
             centred, bias_t = -mean, None
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        folded_params[f"{pair.conv}.weight"] = weight * scale.view(shape)
-        folded_tangents[f"{pair.conv}.weight"] = (weight_t * scale.view(shape)
-                                                  + weight * scale_t.view(shape))
+        folded_params[f"{pair.conv}.weight"] = _layout_of(weight, weight * scale.view(shape))
+        folded_tangents[f"{pair.conv}.weight"] = _layout_of(
+            weight, weight_t * scale.view(shape) + weight * scale_t.view(shape))
         folded_params[f"{pair.conv}.bias"] = centred * scale + beta
         folded_bias_t = centred * scale_t + beta_t
         folded_tangents[f"{pair.conv}.bias"] = (folded_bias_t if bias_t is None
                                                 else bias_t * scale + folded_bias_t)
     return folded_params, folded_tangents
+
+
+def _layout_of(like: Tensor, tensor: Tensor) -> Tensor:
+    """``tensor`` in ``like``'s memory layout. Elementwise results of a channels-last
+    weight whose layout is ambiguous (one input channel) come out contiguous, and a
+    convolution's output takes its weights' layout: one stray layout makes every later
+    operation convert."""
+    if tensor.stride() == like.stride():
+        return tensor
+    return torch.empty_like(like).copy_(tensor)

@@ -116,6 +116,19 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 1) -> nn.Mo
     return model
 
 
+def set_memory_format(network: nn.Module, memory_format: str) -> nn.Module:
+    """Put ``network``'s 4-D parameters and buffers in ``memory_format``
+    (``"channels_last"`` or ``"contiguous"``, the ``handler.memory_format`` setting), in
+    place; returns ``network``. A convolution whose weight is channels-last computes and
+    returns channels-last whatever its input's layout, so the weights alone set the
+    layout of the whole network."""
+    layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    if memory_format not in layouts:
+        raise ValueError(f"memory_format must be one of {', '.join(layouts)}; "
+                         f"got {memory_format!r}")
+    return network.to(memory_format=layouts[memory_format])
+
+
 class SurrogateEnsemble(nn.Module):
     """Several surrogates as one model (``[B, C, H, W]`` -> ``[B, K]``): the sum of the
     members' log-probabilities, a product of experts.

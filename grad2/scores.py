@@ -4,10 +4,15 @@
 direction given as a dict keyed like ``model.named_parameters()``. Three independent
 computations are offered (they agree to numerical precision; the tests check it):
 
-- ``"jvp"``: forward mode (``torch.autograd.forward_ad`` dual parameters through
-  ``torch.func.functional_call``); one pass, about two to three forward passes of cost,
+- ``"jvp"``: forward mode; one pass, about two to three forward passes of cost,
   independent of ``K``. Eval batch-norms that follow a convolution are folded into it
-  first (:mod:`grad2.folding`: same scores up to rounding, 15-25% cheaper).
+  first (:mod:`grad2.folding`: same scores up to rounding, 15-25% cheaper). Where every
+  layer of the (folded) network has an explicit tangent rule (:mod:`grad2.tangent_rules`:
+  convolutions, linear layers, batch-norm, pools, common activations, ``+``, ``*``,
+  reshapes) the primal and the tangent run as plain tensor operations; otherwise through
+  ``torch.autograd.forward_ad`` dual parameters and ``torch.func.functional_call``. Same
+  scores up to rounding; the rules skip autograd's per-operation cost (8-25% faster on
+  small CNNs, most for lone queries).
   ``"jvp_cheap"`` is the same with the cheaper forward-mode rules of
   :mod:`grad2.fast_tangents` for batch-norm, max-pool, ReLU and first-layer
   convolutions (opt-in: faster at batch 16-32, slower for a lone query).
@@ -37,6 +42,7 @@ from torch.func import functional_call
 
 from grad2.fast_tangents import CheapTangents
 from grad2.folding import FoldedNetwork, fold_batch_norm, folded_inputs
+from grad2.tangent_rules import TangentProgram, compile_rules, log_softmax_tangent
 
 Target = Mapping[str, Tensor]
 #: ``jvp_cheap`` is ``jvp`` with the cheaper forward-mode rules of
@@ -47,12 +53,15 @@ METHODS = ("jvp", "jvp_cheap", "double_backward", "finite_difference")
 
 
 def redirection_scores(
-    model: nn.Module, x: Tensor, target: Target, method: str = "jvp", fold: bool = True
+    model: nn.Module, x: Tensor, target: Target, method: str = "jvp", fold: bool = True,
+    rules: bool = True,
 ) -> Tensor:
     """``[B, K]`` scores ``c = G t`` of ``model`` at inputs ``x`` (``[B, ...]``).
 
     Parameters missing from ``target`` get a zero direction. ``fold=False`` runs the JVP
-    methods on ``model`` as it is, without folding its batch-norms (for comparisons).
+    methods on ``model`` as it is, without folding its batch-norms; ``rules=False`` runs
+    ``jvp`` through ``forward_ad`` even where :mod:`grad2.tangent_rules` has a rule for
+    every layer (both for comparisons).
     """
     try:
         compute = _METHODS[method]
@@ -78,7 +87,11 @@ def redirection_scores(
             if folded is not None:
                 network = folded.module
                 params, tangents, buffers = folded_inputs(folded, params, tangents, buffers)
-        scores = compute(network, params, buffers, tangents, x).detach()
+        program = _program(network) if rules and method == "jvp" else None
+        if program is not None:
+            scores = log_softmax_tangent(*program(params, tangents, buffers, x))
+        else:
+            scores = compute(network, params, buffers, tangents, x).detach()
     return scores[:1] if alone else scores
 
 
@@ -99,8 +112,26 @@ def _folded(model: nn.Module) -> FoldedNetwork | None:
     return folded
 
 
+#: The tangent-rule program of each network seen (None: some layer has no rule).
+_PROGRAMS: weakref.WeakKeyDictionary[nn.Module, TangentProgram | None] = (
+    weakref.WeakKeyDictionary())
+
+
+def _program(network: nn.Module) -> TangentProgram | None:
+    """``network``'s :class:`TangentProgram`, compiled on first use. A folded network is
+    a fresh module whenever it is refolded, so it is never stale; a network traced here
+    is retraced if its submodules change."""
+    if network in _PROGRAMS:
+        program = _PROGRAMS[network]
+        if program is None or program.matches(network):
+            return program
+    _PROGRAMS[network] = program = compile_rules(network)
+    return program
+
+
 def tangent_like(params: Mapping[str, Tensor], target: Target) -> dict[str, Tensor]:
-    """``target`` aligned with ``params``: same keys, dtypes and devices, zeros where missing."""
+    """``target`` aligned with ``params``: same keys, dtypes, devices and memory layouts,
+    zeros where missing."""
     unknown = sorted(set(target) - set(params))
     if unknown:
         raise ValueError(f"target has entries the model does not: {unknown[:3]}")
@@ -115,7 +146,12 @@ def tangent_like(params: Mapping[str, Tensor], target: Target) -> dict[str, Tens
                 f"target[{name!r}] has shape {tuple(direction.shape)}, the parameter "
                 f"{tuple(param.shape)}"
             )
-        tangents[name] = direction.to(dtype=param.dtype, device=param.device)
+        direction = direction.to(dtype=param.dtype, device=param.device)
+        if direction.stride() != param.stride():
+            # Same layout as the parameter (a channels-last surrogate): a tangent of
+            # another layout is converted by every operation that meets it.
+            direction = torch.empty_like(param).copy_(direction)
+        tangents[name] = direction
     return tangents
 
 
