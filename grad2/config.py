@@ -215,6 +215,35 @@ class InputConfig:
         )
 
 
+#: How the worker lays out the networks' 4-D tensors (``handler.memory_format``).
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """The ``handler:`` section: how the worker runs the networks."""
+
+    #: Every answer a bit-exact function of its image, whatever the batching.
+    batch_invariant: bool = True
+    #: ``channels_last`` runs convolutions and pools in NHWC (oneDNN's native layout on a
+    #: CPU: small_cnn's forward 2.2x faster here, docs/performance.md); ``contiguous``
+    #: keeps PyTorch's default NCHW.
+    memory_format: str = "channels_last"
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> HandlerConfig:
+        """Validate a ``handler:`` mapping; raises :class:`ConfigError` naming the key."""
+        section = "handler"
+        raw = {} if raw is None else raw
+        _reject_unknown(section, raw, {f.name for f in fields(cls)})
+        merged = {**asdict(cls()), **raw}
+        return cls(
+            batch_invariant=_flag(section, "batch_invariant", merged["batch_invariant"]),
+            memory_format=_choice(section, "memory_format", merged["memory_format"],
+                                  MEMORY_FORMATS),
+        )
+
+
 def _vector(
     section: str, key: str, value: Any, length: int, low: float, high: float
 ) -> tuple[float, ...]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from grad2.config import ConfigError, DefenseConfig, InputConfig
+from grad2.config import ConfigError, DefenseConfig, HandlerConfig, InputConfig
 from grad2.serving_io import (
     INDEX_TO_NAME_FILE,
     MODEL_CONFIG_FILE,
@@ -42,7 +42,6 @@ from grad2.serving_io import (
     clean_probabilities,
     load_served_model,
     normalise,
-    read_batch_invariant,
     read_model_config,
 )
 
@@ -73,7 +72,7 @@ def check_model_config(raw: Mapping[str, Any]) -> tuple[DefenseConfig, InputConf
     TorchServe keys this project relies on. Raises :class:`ConfigError` naming the key."""
     defense = DefenseConfig.from_dict(raw.get("defense"))
     spec = InputConfig.from_dict(raw.get("input"))
-    read_batch_invariant(raw)
+    HandlerConfig.from_dict(raw.get("handler"))
     for key, low in TORCHSERVE_INT_KEYS.items():
         if key in raw:
             value = raw[key]

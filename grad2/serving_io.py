@@ -37,7 +37,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from grad2.batching import invariant_map, probe_sizes
-from grad2.config import ConfigError, DefenseConfig, InputConfig
+from grad2.config import ConfigError, DefenseConfig, HandlerConfig, InputConfig
 
 #: Raster formats accepted from clients. Formats that run external programs or parse
 #: complex containers (EPS, PSD, PDF-like) are never opened.
@@ -543,17 +543,19 @@ def load_served_model(
     :class:`ConfigError` naming the key, so a model never serves undefended.
     """
     from grad2.defenses import build_defense
+    from grad2.models import set_memory_format
 
     if not isinstance(model_config, Mapping):
         raise ConfigError("model-config.yaml", "must be a mapping of keys to values")
     defense_config = DefenseConfig.from_dict(model_config.get("defense"))
     input_config = InputConfig.from_dict(model_config.get("input"))
-    batch_invariant = read_batch_invariant(model_config)
+    handler_config = HandlerConfig.from_dict(model_config.get("handler"))
 
     victim_path = model_dir / victim_file
     if not victim_path.is_file():
         raise ConfigError("victim", f"{victim_file} is not in the archive")
     victim, victim_meta = _load_network(victim_path, "victim")
+    set_memory_format(victim, handler_config.memory_format)
     num_classes = int(victim_meta.get("num_classes", 0))
     if int(victim_meta.get("in_channels", input_config.channels)) != input_config.channels:
         raise ConfigError(
@@ -569,6 +571,7 @@ def load_served_model(
                 "defense.surrogate", f"{defense_config.surrogate} is not in the archive"
             )
         surrogate, surrogate_meta = _load_network(surrogate_path, "defense.surrogate")
+        set_memory_format(surrogate, handler_config.memory_format)
         for key in ("num_classes", "in_channels"):
             if key in surrogate_meta and key in victim_meta and (
                 int(surrogate_meta[key]) != int(victim_meta[key])
@@ -606,21 +609,8 @@ def load_served_model(
         input_config=input_config,
         class_names=class_names,
         surrogate=surrogate,
-        batch_invariant=batch_invariant,
+        batch_invariant=handler_config.batch_invariant,
     )
-
-
-def read_batch_invariant(model_config: Mapping[str, Any]) -> bool:
-    """``handler.batch_invariant`` of ``model-config.yaml`` (default ``true``)."""
-    section = model_config.get("handler")
-    if section is None:
-        return True
-    if not isinstance(section, Mapping):
-        raise ConfigError("handler", f"must be a mapping, got {type(section).__name__}")
-    value = section.get("batch_invariant", True)
-    if not isinstance(value, bool):
-        raise ConfigError("handler.batch_invariant", f"must be true or false, got {value!r}")
-    return value
 
 
 def clean_probabilities(

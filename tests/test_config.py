@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from grad2 import targets
-from grad2.config import METHODS, ConfigError, DefenseConfig, InputConfig
+from grad2.config import METHODS, ConfigError, DefenseConfig, HandlerConfig, InputConfig
 from grad2.defenses import (
     DEFENSES,
     GRAD2,
@@ -239,3 +239,25 @@ def test_good_input_sections():
                                     "mean": [0.5, 0.4, 0.3], "std": 0.25})
     assert config.mean == (0.5, 0.4, 0.3) and config.std == (0.25, 0.25, 0.25)
     assert (config.channels, config.height, config.width) == (3, 32, 32)
+
+
+def test_handler_section_defaults_and_values():
+    assert HandlerConfig.from_dict(None) == HandlerConfig(True, "channels_last")
+    assert HandlerConfig.from_dict({"memory_format": "contiguous", "batch_invariant": False}) \
+        == HandlerConfig(False, "contiguous")
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"memory_format": "nhwc"}, "handler.memory_format"),
+        ({"memory_format": None}, "handler.memory_format"),
+        ({"batch_invariant": "yes"}, "handler.batch_invariant"),
+        ({"batch_size": 4}, "handler.batch_size"),
+        (["memory_format"], "handler"),
+    ],
+)
+def test_bad_handler_values_name_their_key(raw, key):
+    with pytest.raises(ConfigError) as raised:
+        HandlerConfig.from_dict(raw)
+    assert raised.value.key == key

@@ -212,6 +212,32 @@ def test_initialize_refuses_missing_defense_and_bad_input(
         make_handler(handler_class, model_dir, config)
 
 
+def test_memory_format_sets_the_layout_and_keeps_the_answers(
+    handler_class: type, model_dir: Path, keep_threads: None
+) -> None:
+    """The default ``handler.memory_format: channels_last`` lays the victim's and the
+    surrogate's convolution weights out channels-last; ``contiguous`` keeps NCHW. The
+    answers agree up to float rounding, and are each bit-identical alone and in a batch."""
+    answers = {}
+    images = [bytearray(png_bytes(seed)) for seed in range(5)]
+    for memory_format in ("channels_last", "contiguous"):
+        config = model_config()
+        if memory_format == "contiguous":
+            config["handler"] = {"memory_format": "contiguous"}
+        handler, context = make_handler(handler_class, model_dir, config)
+        weights = [handler.served.victim[0].weight, handler.served.surrogate[4].weight]
+        layout = {"channels_last": torch.channels_last,
+                  "contiguous": torch.contiguous_format}[memory_format]
+        assert all(w.is_contiguous(memory_format=layout) for w in weights)
+        assert handler.served.victim[4].weight.is_contiguous() == (memory_format == "contiguous")
+        batch = handler.handle([{"body": image} for image in images], context)
+        alone = [handler.handle([{"body": image}], context)[0] for image in images]
+        assert json.dumps(batch) == json.dumps(alone)
+        answers[memory_format] = torch.stack(
+            [as_vector(answer, handler.served.class_names) for answer in batch])
+    assert torch.allclose(answers["channels_last"], answers["contiguous"], atol=1e-5)
+
+
 def test_index_to_name_gives_class_names(
     handler_class: type, model_dir: Path, tmp_path: Path, keep_threads: None
 ) -> None:
