@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from grad2 import targets
+from grad2.config import MEMORY_FORMATS
 from grad2.defenses import (
     GRAD2,
     MAD,
@@ -56,6 +57,7 @@ from grad2.defenses import (
     ReverseSigmoid,
 )
 from grad2.folding import folded_inputs
+from grad2.models import set_memory_format
 from grad2.redirect import redirect
 from grad2.scores import _folded, _jvp_scores, redirection_scores, tangent_like
 
@@ -200,6 +202,19 @@ class Timer:
 # The work being timed
 
 
+#: The JVP scores computed other ways, timed beside the library's default: forward-mode
+#: autograd instead of the explicit tangent rules (what the rules save), and without
+#: batch-norm folding too (the library's JVP before both).
+JVP_VARIANTS: dict[str, dict[str, bool]] = {
+    "jvp_scores_autograd": {"rules": False},
+    "jvp_scores_autograd_unfolded": {"rules": False, "fold": False},
+}
+JVP_VARIANT_LABELS = {
+    "jvp_scores_autograd": "forward-mode autograd",
+    "jvp_scores_autograd_unfolded": "autograd, batch-norms not folded",
+}
+
+
 def victim_forward(victim: nn.Module, x: Tensor) -> Tensor:
     """What the handler's ``inference`` step does."""
     with torch.inference_mode():
@@ -299,6 +314,8 @@ class Setup:
     mad_memory_bytes: int
     mad_loop_queries: int = 4
     seed: int = 0
+    #: Layout of the networks' 4-D tensors, as ``handler.memory_format`` sets it.
+    memory_format: str = "channels_last"
 
     def inputs(self, batch: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed + batch)
@@ -306,7 +323,7 @@ class Setup:
                                                                           self.dtype)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device, self.dtype).eval()
+        return set_memory_format(model.to(self.device, self.dtype).eval(), self.memory_format)
 
 
 def build_models(setup: Setup, num_classes: int) -> dict[str, Any]:
@@ -358,17 +375,17 @@ def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dic
             items.append(Item("jvp_scores",
                               lambda x=x, s=surrogate, t=target: redirection_scores(s, x, t),
                               {"batch": batch, "surrogate": size}))
-            items.append(Item("jvp_scores_unfolded",  # what batch-norm folding saves
-                              lambda x=x, s=surrogate, t=target: redirection_scores(
-                                  s, x, t, fold=False),
-                              {"batch": batch, "surrogate": size}))
+            for variant, options in JVP_VARIANTS.items():
+                items.append(Item(variant, lambda x=x, s=surrogate, t=target, o=options:
+                                  redirection_scores(s, x, t, **o),
+                                  {"batch": batch, "surrogate": size}))
             if batch == 1:  # what computing a lone query as a batch of two costs
                 kernel = jvp_function(surrogate, target)
                 items.append(Item("jvp_scores_batch_of_one", lambda x=x, f=kernel: f(x),
                                   {"batch": batch, "surrogate": size}))
         summaries = timer.run(items, f"batch {batch}")
         for summary in summaries:
-            if summary["name"] in ("surrogate_forward", "jvp_scores", "jvp_scores_unfolded",
+            if summary["name"] in ("surrogate_forward", "jvp_scores", *JVP_VARIANTS,
                                    "jvp_scores_batch_of_one"):
                 scores_records.append(summary)
                 continue
@@ -381,13 +398,15 @@ def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dic
         for size in surrogates:
             forward = _find(scores_records, "surrogate_forward", batch, size)
             jvp = _find(scores_records, "jvp_scores", batch, size)
-            unfolded = _find(scores_records, "jvp_scores_unfolded", batch, size)
             record = {"batch": batch, "surrogate": size, "forward_s": forward["median_s"],
                       "jvp_s": jvp["median_s"], "ratio": paired_ratio(jvp, forward),
                       "ratio_of_medians": jvp["median_s"] / forward["median_s"],
-                      "jvp_unfolded_s": unfolded["median_s"],
-                      "unfolded_ratio": paired_ratio(unfolded, forward),
-                      "forward": forward, "jvp": jvp, "jvp_unfolded": unfolded}
+                      "forward": forward, "jvp": jvp, "variants": {}}
+            for variant in JVP_VARIANTS:
+                timing = _find(scores_records, variant, batch, size)
+                record["variants"][variant] = {
+                    "median_s": timing["median_s"], "ratio": paired_ratio(timing, forward),
+                    "over_jvp": paired_ratio(timing, jvp), "timing": timing}
             if batch == 1:
                 raw = _find(scores_records, "jvp_scores_batch_of_one", batch, size)
                 record["jvp_batch_of_one_s"] = raw["median_s"]
@@ -663,12 +682,15 @@ def format_table(result: dict[str, Any]) -> str:
             cell = f"{_ms(s['jvp_s'])}/{_ms(s['forward_s'])} {s['ratio']:.1f}x"
             cells.append(f" | {cell:>16s}")
         lines.append(f"{'  surrogate ' + size:44s}" + "".join(cells))
-        cells = []
-        for batch in batches:
-            s = next(r for r in result["scores"] if r["batch"] == batch and r["surrogate"] == size)
-            cell = f"{_ms(s['jvp_unfolded_s'])} {s['unfolded_ratio']:.1f}x"
-            cells.append(f" | {cell:>16s}")
-        lines.append(f"{'    batch-norms not folded':44s}" + "".join(cells))
+        for variant, label in JVP_VARIANT_LABELS.items():
+            cells = []
+            for batch in batches:
+                s = next(r for r in result["scores"]
+                         if r["batch"] == batch and r["surrogate"] == size)
+                timing = s["variants"][variant]
+                cell = f"{_ms(timing['median_s'])} {timing['ratio']:.1f}x"
+                cells.append(f" | {cell:>16s}")
+            lines.append(f"{'    ' + label:44s}" + "".join(cells))
     lone = [s for s in result["scores"] if "jvp_batch_of_one_s" in s]
     for s in lone:
         lines.append(f"  lone query, {s['surrogate']} surrogate: JVP as a batch of two "
@@ -745,7 +767,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     setup = Setup(device, dtype, args.epsilon, args.own_cnn,
-                  int(args.mad_memory_gb * 2**30), args.mad_loop_queries, args.seed)
+                  int(args.mad_memory_gb * 2**30), args.mad_loop_queries, args.seed,
+                  args.memory_format)
     timer = Timer(device, args.repeats, args.warmup, args.budget, not args.no_progress)
     started = time.perf_counter()
     result: dict[str, Any] = {"meta": {
@@ -760,6 +783,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "dtype": args.dtype,
+        "memory_format": args.memory_format,
         "epsilon": args.epsilon,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -837,6 +861,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.set_num_threads (default 1, the serving default)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--epsilon", type=float, default=0.5)
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last",
+                        help="layout of the networks' 4-D tensors, as handler.memory_format "
+                             "(default channels_last, the serving default)")
     parser.add_argument("--batches", type=_int_list, help="default 1,8,32,128")
     parser.add_argument("--classes", type=_int_list, help="default 10,100,1000")
     parser.add_argument("--class-batch", type=int, default=32,

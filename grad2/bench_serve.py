@@ -40,6 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from grad2.attack import encode_png
+from grad2.config import MEMORY_FORMATS
 from grad2.models import build_model, load_checkpoint, save_checkpoint
 from grad2.scores import METHODS
 from grad2.serving import Ports, TorchServeServer, build_archive, start_server, stop_server
@@ -133,7 +134,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def build_store(folder: Path, victim: Path, surrogate: Path, batch_size: int,
-                epsilon: float, batch_invariant: bool, scores: str = "jvp") -> Path:
+                epsilon: float, batch_invariant: bool, scores: str = "jvp",
+                memory_format: str = "channels_last") -> Path:
     """``plain`` and ``defended`` archives of ``victim`` with ``batchSize`` ``batch_size``."""
     store = folder / f"store_b{batch_size}"
     defenses = {
@@ -148,7 +150,7 @@ def build_store(folder: Path, victim: Path, surrogate: Path, batch_size: int,
             "responseTimeout": 120, "defense": defense,
             "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286],
                       "std": [0.353], "threads": 1},
-            "handler": {"batch_invariant": batch_invariant},
+            "handler": {"batch_invariant": batch_invariant, "memory_format": memory_format},
         }))
         build_archive(name, "1.0", victim, config, store, surrogate=surrogate_file, force=True)
     return store
@@ -307,7 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         levels = []
         for concurrency in args.concurrency:
             store = build_store(folder, Path(victim), Path(surrogate), concurrency,
-                                args.epsilon, not args.batched_victim, args.scores)
+                                args.epsilon, not args.batched_victim, args.scores,
+                                args.memory_format)
             levels.append(measure_level(
                 folder, store, concurrency, images, args.requests, args.rounds,
                 args.warmup or max(4 * concurrency, 100), not args.no_progress))
@@ -370,6 +373,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="handler.batch_invariant false: victim and defense run on "
                         "each batch as it comes (default: in the probed batch sizes, "
                         "bit-identical answers)")
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last",
+                        help="handler.memory_format of both archives (default channels_last)")
     parser.add_argument("--images", type=int, default=256, help="distinct query images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("runs/bench_serve.json"))

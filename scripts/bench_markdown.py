@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from grad2.bench import JVP_VARIANT_LABELS
+
 
 def ms(seconds: float | None) -> str:
     if seconds is None:
@@ -50,13 +52,16 @@ def scores(result: dict) -> list[str]:
     lines = ["| surrogate | " + " | ".join(f"B={b}" for b in batches) + " |",
              "| --- |" + " --- |" * len(batches)]
     for size in ("same", "half"):
-        folded, unfolded = [], []
+        rows = {"": [], **{label: [] for label in JVP_VARIANT_LABELS.values()}}
         for batch in batches:
             r = find(result["scores"], batch=batch, surrogate=size)
-            folded.append(f"{ms(r['jvp_s'])} / {ms(r['forward_s'])} ms ({r['ratio']:.2f}×)")
-            unfolded.append(f"{ms(r['jvp_unfolded_s'])} ms ({r['unfolded_ratio']:.2f}×)")
-        lines.append(f"| {size} size | " + " | ".join(folded) + " |")
-        lines.append(f"| {size} size, batch-norms not folded | " + " | ".join(unfolded) + " |")
+            rows[""].append(f"{ms(r['jvp_s'])} / {ms(r['forward_s'])} ms ({r['ratio']:.2f}×)")
+            for variant, label in JVP_VARIANT_LABELS.items():
+                timing = r["variants"][variant]
+                rows[label].append(f"{ms(timing['median_s'])} ms ({timing['ratio']:.2f}×)")
+        for label, cells in rows.items():
+            name = f"{size} size" + (f", {label}" if label else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -1,6 +1,6 @@
-"""Interleaved A/B of the JVP variants: the two rules ``jvp`` and ``jvp_cheap``, each with
-and without batch-norm folding (docs/performance.md, "Cheaper tangents" and "Batch-norm
-folding").
+"""Interleaved A/B of the JVP variants: ``jvp`` by explicit tangent rules (the default),
+``jvp`` through ``forward_ad`` with and without batch-norm folding, and ``jvp_cheap``
+(docs/performance.md, "Tangent rules", "Cheaper tangents" and "Batch-norm folding").
 
 For one architecture and each batch size: the victim's forward alone, one plain forward
 of the surrogate, and for each variant victim + GRAD² (the victim's forward, the scores
@@ -10,7 +10,8 @@ batch of two, as the library does.
 
 Run: ``.venv/bin/python scripts/tangent_ab.py small_cnn 1,28,28 1,16,32 25``
 (also ``wide_cnn``, ``torchvision:resnet18 3,32,32``, ``torchvision:mobilenet_v3_small
-3,32,32``).
+3,32,32``); ``--memory-format contiguous`` runs both networks in NCHW instead of the
+serving default, channels-last.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import torch
 
 from grad2 import targets
 from grad2.bench import victim_forward
+from grad2.config import MEMORY_FORMATS
 from grad2.defenses import GRAD2
-from grad2.models import build_model
+from grad2.models import build_model, set_memory_format
 from grad2.scores import redirection_scores
 
-#: (label, score rule, fold batch-norms)
-VARIANTS = (("jvp", "jvp", True), ("jvp unfolded", "jvp", False),
-            ("jvp_cheap", "jvp_cheap", True), ("jvp_cheap unfolded", "jvp_cheap", False))
+#: (label, score method, fold batch-norms, explicit tangent rules)
+VARIANTS = (("jvp", "jvp", True, True), ("jvp forward_ad", "jvp", True, False),
+            ("jvp forward_ad unfolded", "jvp", False, False),
+            ("jvp_cheap", "jvp_cheap", True, False))
 
 
 def timed_rounds(items: dict[str, Callable[[], object]], rounds: int, calls: int
@@ -60,13 +63,15 @@ def main() -> None:
     parser.add_argument("shape", help="C,H,W of one input")
     parser.add_argument("batches", help="e.g. 1,16,32")
     parser.add_argument("rounds", type=int)
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="channels_last")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shape = tuple(int(part) for part in args.shape.split(","))
     torch.manual_seed(0)
-    victim = build_model(args.arch, 10, shape[0]).eval()
+    victim = set_memory_format(build_model(args.arch, 10, shape[0]).eval(), args.memory_format)
     torch.manual_seed(1)
-    surrogate = build_model(args.arch, 10, shape[0]).eval()
+    surrogate = set_memory_format(build_model(args.arch, 10, shape[0]).eval(),
+                                  args.memory_format)
     target = targets.all_ones(surrogate)
     defense = GRAD2(surrogate, 0.5, target)
     for batch in (int(part) for part in args.batches.split(",")):
@@ -78,9 +83,10 @@ def main() -> None:
 
         items: dict[str, Callable[[], object]] = {
             "victim": lambda x=x: victim_forward(victim, x), "forward": forward}
-        for label, rule, fold in VARIANTS:
-            def scores(x: torch.Tensor = x, rule: str = rule, fold: bool = fold) -> torch.Tensor:
-                return redirection_scores(surrogate, x, target, rule, fold=fold)
+        for label, method, fold, rules in VARIANTS:
+            def scores(x: torch.Tensor = x, method: str = method, fold: bool = fold,
+                       rules: bool = rules) -> torch.Tensor:
+                return redirection_scores(surrogate, x, target, method, fold=fold, rules=rules)
 
             def defended(x: torch.Tensor = x, scores: Callable = scores) -> torch.Tensor:
                 probs = victim_forward(victim, x)
@@ -93,7 +99,7 @@ def main() -> None:
         ratios = " ".join(
             f"{label}: scores/forward {ratio(times, f'scores {label}', 'forward'):.2f}, "
             f"defended/victim {ratio(times, f'defended {label}', 'victim'):.2f};"
-            for label, _, _ in VARIANTS)
+            for label, *_ in VARIANTS)
         print(f"{args.arch} B={batch}: {medians} ms | {ratios}", flush=True)
 
 
