@@ -41,7 +41,6 @@ from torch import Tensor, fx, nn
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class Dual:
     """A node's value and its tangent (``None``: the value does not depend on the
@@ -51,6 +50,7 @@ class Dual:
     tangent: Tensor | None = None
 
 
+#: What a rule returns: the node's value and tangent.
 Pair = tuple[object, Tensor | None]
 
 
@@ -187,13 +187,18 @@ def _rule_for(node: fx.Node, submodules: dict[str, nn.Module]) -> Callable:
         return _get_attr
     if node.op == "call_module":
         module = submodules[node.target]
+        if type(module) is nn.ReLU and _owns_input(node, submodules):
+            return _relu_in_place
         for kinds, make in _MODULE_RULES:
-            if isinstance(module, kinds):
+            # The exact type: a subclass may change ``forward`` (weight standardisation...).
+            if type(module) in kinds:
                 rule = make(module, node.target)
                 if rule is not None:
                     return rule
         raise NoRuleError(f"module {node.target} ({type(module).__name__})")
     if node.op == "call_function":
+        if node.target in (F.relu, torch.relu) and _owns_input(node, submodules):
+            return _relu_in_place
         rule = _FUNCTION_RULES.get(node.target)
         if rule is None:
             raise NoRuleError(f"function {getattr(node.target, '__name__', node.target)}")
@@ -240,7 +245,7 @@ def _affine_rule(module: nn.Module, name: str) -> Callable | None:
             tangent = _like(value, bias_t.view((-1,) + (1,) * (value.dim() - 2)))
         if x_t is not None:
             through = apply(x_t, weight, None)
-            tangent = through if tangent is None else tangent + through
+            tangent = through if tangent is None else tangent.add_(through)  # ours to change
         return value, tangent
 
     return rule
@@ -290,6 +295,26 @@ def _pointwise(forward: Callable, derivative: Callable) -> Callable:
 
 def _relu_tangent(x_t: Tensor, x: Tensor, value: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward(x_t, value, 0)
+
+
+def _relu_in_place(context, node, args, kwargs) -> Pair:
+    """ReLU of a convolution's or linear layer's output that nothing else reads: value and
+    tangent are overwritten (one pass each, no new activation-sized buffers; same bits)."""
+    x, x_t = _split(args[0])
+    value = torch.relu_(x)
+    if x_t is not None:
+        torch.ops.aten.threshold_backward.grad_input(x_t, value, 0, grad_input=x_t)
+    return value, x_t
+
+
+def _owns_input(node: fx.Node, submodules: dict[str, nn.Module]) -> bool:
+    """Is ``node`` the only reader of its input, and is that input a fresh result of a
+    convolution or linear layer (whose rule allocates both value and tangent), so that
+    ``node`` may overwrite it?"""
+    source = node.args[0] if node.args else None
+    return (isinstance(source, fx.Node) and len(source.users) == 1
+            and source.op == "call_module"
+            and type(submodules[source.target]) in _AFFINE)
 
 
 _POINTWISE = {
@@ -459,17 +484,18 @@ def _identity_rule(context, node, args, kwargs) -> Pair:
     return _split(args[0])
 
 
-_MODULE_RULES: tuple[tuple[type | tuple[type, ...], Callable], ...] = (
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), _affine_rule),
+_AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MODULE_RULES: tuple[tuple[tuple[type, ...], Callable], ...] = (
+    (_AFFINE, _affine_rule),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm_rule),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), _max_pool_rule),
-    (nn.ReLU, _module_pointwise("relu")),
-    (nn.Hardswish, _module_pointwise("hardswish")),
-    (nn.Hardsigmoid, _module_pointwise("hardsigmoid")),
-    (nn.SiLU, _module_pointwise("silu")),
-    (nn.Sigmoid, _module_pointwise("sigmoid")),
-    (nn.Tanh, _module_pointwise("tanh")),
-    (nn.GELU, _module_pointwise("gelu")),
+    ((nn.ReLU,), _module_pointwise("relu")),
+    ((nn.Hardswish,), _module_pointwise("hardswish")),
+    ((nn.Hardsigmoid,), _module_pointwise("hardsigmoid")),
+    ((nn.SiLU,), _module_pointwise("silu")),
+    ((nn.Sigmoid,), _module_pointwise("sigmoid")),
+    ((nn.Tanh,), _module_pointwise("tanh")),
+    ((nn.GELU,), _module_pointwise("gelu")),
     ((nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d),
      lambda module, name: _dropout_rule(module)),
     ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,

@@ -212,3 +212,21 @@ def test_log_softmax_tangent_is_the_directional_derivative() -> None:
     direction = torch.randn(4, 7, dtype=torch.float64)
     _, expected = torch.func.jvp(lambda z: torch.log_softmax(z, -1), (logits,), (direction,))
     assert torch.allclose(log_softmax_tangent(logits, direction), expected, atol=1e-14)
+
+
+class StandardisedConv(nn.Conv2d):
+    """A subclass whose ``forward`` differs from its parent's (weight standardisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+def test_a_subclass_with_its_own_forward_gets_no_parent_rule() -> None:
+    model = nn.Sequential(StandardisedConv(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    model = model.double().eval()
+    assert compile_rules(model) is None
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    target = targets.random(model, 9)
+    scores = redirection_scores(model, x, target, "jvp")
+    assert relative_error(scores, redirection_scores(model, x, target, "double_backward")) < 1e-10
