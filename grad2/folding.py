@@ -77,10 +77,15 @@ class FoldedNetwork:
 
     def matches(self, model: nn.Module) -> bool:
         """Does ``model`` still hold the submodules it was traced with?"""
-        try:
-            return all(model.get_submodule(name) is leaf for name, leaf in self.leaves)
-        except AttributeError:
-            return False
+        return holds_leaves(model, self.leaves)
+
+
+def holds_leaves(model: nn.Module, leaves: tuple[tuple[str, nn.Module], ...]) -> bool:
+    """Is each ``(name, module)`` of ``leaves`` still ``model``'s submodule of that name?"""
+    try:
+        return all(model.get_submodule(name) is leaf for name, leaf in leaves)
+    except AttributeError:
+        return False
 
 
 def fold_batch_norm(model: nn.Module) -> FoldedNetwork | None:

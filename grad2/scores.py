@@ -104,12 +104,7 @@ _FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedNetwork | None] = (
 def _folded(model: nn.Module) -> FoldedNetwork | None:
     """``model``'s batch-norm-folded trace, made on first use (in eval mode, so that mode
     checks in ``forward`` are traced as they run here) and again if its submodules change."""
-    if model in _FOLDED:
-        folded = _FOLDED[model]
-        if folded is None or folded.matches(model):
-            return folded
-    _FOLDED[model] = folded = fold_batch_norm(model)
-    return folded
+    return _cached(_FOLDED, model, fold_batch_norm)
 
 
 #: The tangent-rule program of each network seen (None: some layer has no rule).
@@ -118,15 +113,20 @@ _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, TangentProgram | None] = (
 
 
 def _program(network: nn.Module) -> TangentProgram | None:
-    """``network``'s :class:`TangentProgram`, compiled on first use. A folded network is
-    a fresh module whenever it is refolded, so it is never stale; a network traced here
-    is retraced if its submodules change."""
-    if network in _PROGRAMS:
-        program = _PROGRAMS[network]
-        if program is None or program.matches(network):
-            return program
-    _PROGRAMS[network] = program = compile_rules(network)
-    return program
+    """``network``'s :class:`TangentProgram`, compiled on first use and again if its
+    submodules change (a folded network is a new module whenever it is refolded)."""
+    return _cached(_PROGRAMS, network, compile_rules)
+
+
+def _cached(cache: weakref.WeakKeyDictionary, network: nn.Module, build: Callable):
+    """``build(network)`` from ``cache``, rebuilt when ``network`` no longer holds the
+    submodules it was built from (``None``, nothing to build, is kept as it is)."""
+    if network in cache:
+        built = cache[network]
+        if built is None or built.matches(network):
+            return built
+    cache[network] = built = build(network)
+    return built
 
 
 def tangent_like(params: Mapping[str, Tensor], target: Target) -> dict[str, Tensor]:

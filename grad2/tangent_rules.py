@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from grad2.folding import holds_leaves
+
 log = logging.getLogger(__name__)
 
 
@@ -69,10 +71,7 @@ class TangentProgram:
 
     def matches(self, network: nn.Module) -> bool:
         """Does ``network`` still hold the submodules it was compiled with?"""
-        try:
-            return all(network.get_submodule(name) is leaf for name, leaf in self.leaves)
-        except AttributeError:
-            return False
+        return holds_leaves(network, self.leaves)
 
     def __call__(self, params: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
                  buffers: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor | None]:
