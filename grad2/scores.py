@@ -11,8 +11,8 @@ computations are offered (they agree to numerical precision; the tests check it)
   convolutions, linear layers, batch-norm, pools, common activations, ``+``, ``*``,
   reshapes) the primal and the tangent run as plain tensor operations; otherwise through
   ``torch.autograd.forward_ad`` dual parameters and ``torch.func.functional_call``. Same
-  scores up to rounding; the rules skip autograd's per-operation cost (8-25% faster on
-  small CNNs, most for lone queries).
+  scores up to rounding; the rules skip autograd's per-operation cost (13-22% faster on
+  small_cnn at batch 1-32, docs/performance.md).
   ``"jvp_cheap"`` is the same with the cheaper forward-mode rules of
   :mod:`grad2.fast_tangents` for batch-norm, max-pool, ReLU and first-layer
   convolutions (opt-in: faster at batch 16-32, slower for a lone query).
