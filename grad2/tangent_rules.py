@@ -240,8 +240,9 @@ def _affine_rule(module: nn.Module, name: str) -> Callable | None:
         tangent = None
         if weight_t is not None:
             tangent = apply(x, weight_t, bias_t)
-        elif bias_t is not None:
-            tangent = _like(value, bias_t.view((-1,) + (1,) * (value.dim() - 2)))
+        elif bias_t is not None:  # a fresh tensor: it may be added to in place below
+            per_channel = bias_t.view((-1,) + (1,) * max(value.dim() - 2, 0))
+            tangent = torch.empty_like(value).copy_(per_channel.expand_as(value))
         if x_t is not None:
             through = apply(x_t, weight, None)
             tangent = through if tangent is None else tangent.add_(through)  # ours to change

@@ -230,3 +230,30 @@ def test_a_subclass_with_its_own_forward_gets_no_parent_rule() -> None:
     target = targets.random(model, 9)
     scores = redirection_scores(model, x, target, "jvp")
     assert relative_error(scores, redirection_scores(model, x, target, "double_backward")) < 1e-10
+
+
+def test_bias_only_direction_of_an_unbatched_linear_leaves_the_target_intact() -> None:
+    """A target moving only a linear layer's bias, on an input without a batch dimension:
+    the tangent starts as the bias direction itself and must not be updated in place."""
+
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.second = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(self.first(x.view(-1))).view(1, -1)
+
+    model = Unbatched().double().eval()
+    program = compile_rules(model)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    # The second layer: no weight direction, a bias direction, an input with a tangent.
+    tangents = {"first.weight": torch.randn(4, 4, dtype=torch.float64),
+                "second.bias": torch.randn(3, dtype=torch.float64)}
+    kept = tangents["second.bias"].clone()
+    x = torch.randn(1, 4, dtype=torch.float64)
+    _, logits_tangent = program(params, tangents, {}, x)
+    assert torch.equal(tangents["second.bias"], kept)
+    expected = params["second.weight"] @ (tangents["first.weight"] @ x[0]) + kept
+    assert torch.allclose(logits_tangent[0], expected, atol=1e-12)
