@@ -68,6 +68,9 @@ class TangentProgram:
     steps: tuple[tuple[fx.Node, Callable], ...]
     #: Which submodule each name referred to when the network was traced.
     leaves: tuple[tuple[str, nn.Module], ...]
+    #: Per step, the nodes it reads last: their values are let go after it, so a call
+    #: holds no more activations than a plain forward pass does.
+    releases: tuple[tuple[fx.Node, ...], ...]
 
     def matches(self, network: nn.Module) -> bool:
         """Does ``network`` still hold the submodules it was compiled with?"""
@@ -81,7 +84,7 @@ class TangentProgram:
         context = _Context(params, tangents, buffers)
         values: dict[fx.Node, Dual] = {}
         with torch.no_grad():
-            for node, rule in self.steps:
+            for (node, rule), released in zip(self.steps, self.releases, strict=True):
                 if node.op == "placeholder":
                     values[node] = Dual(x)
                     continue
@@ -90,6 +93,8 @@ class TangentProgram:
                 args = _lookup(values, node.args)
                 kwargs = _lookup(values, node.kwargs)
                 values[node] = Dual(*rule(context, node, args, kwargs))
+                for done in released:
+                    del values[done]
         raise RuntimeError("traced network has no output")  # pragma: no cover
 
 
@@ -115,7 +120,21 @@ def compile_rules(network: nn.Module) -> TangentProgram | None:
         return None
     leaves = tuple((node.target, submodules[node.target]) for node in module.graph.nodes
                    if node.op == "call_module")
-    return TangentProgram(module, tuple(steps), leaves)
+    return TangentProgram(module, tuple(steps), leaves, _last_reads(module.graph))
+
+
+def _last_reads(graph: fx.Graph) -> tuple[tuple[fx.Node, ...], ...]:
+    """Per node of ``graph``, in order, the nodes whose last reader it is (the output
+    node releases nothing: the run ends there)."""
+    last: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        for read in node.all_input_nodes:
+            last[read] = node
+    releases: dict[fx.Node, list[fx.Node]] = {}
+    for read, reader in last.items():
+        if reader.op != "output":
+            releases.setdefault(reader, []).append(read)
+    return tuple(tuple(releases.get(node, ())) for node in graph.nodes)
 
 
 def log_softmax_tangent(logits: Tensor, logits_tangent: Tensor) -> Tensor:
@@ -184,6 +203,8 @@ def _rule_for(node: fx.Node, submodules: dict[str, nn.Module]) -> Callable:
                                   or attribute in holder._buffers):
             raise NoRuleError(f"attribute {node.target} is neither a parameter nor a buffer")
         return _get_attr
+    if _overwrites_shared_input(node, submodules):
+        raise NoRuleError(f"{node.name} overwrites an input that later nodes read")
     if node.op == "call_module":
         module = submodules[node.target]
         if type(module) is nn.ReLU and _owns_input(node, submodules):
@@ -208,6 +229,22 @@ def _rule_for(node: fx.Node, submodules: dict[str, nn.Module]) -> Callable:
             raise NoRuleError(f"method {node.target}")
         return rule
     raise NoRuleError(f"node {node.op}")  # pragma: no cover
+
+
+def _overwrites_shared_input(node: fx.Node, submodules: dict[str, nn.Module]) -> bool:
+    """An in-place activation (``inplace=True`` on the module, or as an argument) whose
+    input other nodes also read: those readers see the overwritten values, which rules
+    that never overwrite would not reproduce."""
+    if node.op == "call_module":
+        inplace = getattr(submodules[node.target], "inplace", False)
+    elif node.op == "call_function" and node.target in _INPLACE_POSITION:
+        position = _INPLACE_POSITION[node.target]
+        inplace = node.kwargs.get("inplace", node.args[position]
+                                  if len(node.args) > position else False)
+    else:
+        return False
+    source = node.args[0] if node.args else None
+    return inplace is True and isinstance(source, fx.Node) and len(source.users) > 1
 
 
 def _no_rule(context, node, args, kwargs):  # pragma: no cover - handled by the runner
@@ -280,20 +317,25 @@ def _batch_norm_rule(module: nn.Module, name: str) -> Callable | None:
     return rule
 
 
-def _pointwise(forward: Callable, derivative: Callable) -> Callable:
-    """An elementwise function of its first argument: ``ẏ = derivative(ẋ, x, y)``."""
+def _pointwise(forward: Callable, derivative: Callable, names: tuple[str, ...],
+               fixed: dict | None = None) -> Callable:
+    """An elementwise function of its first argument, ``ẏ = derivative(ẋ, x, y, **options)``.
+    Options come by keyword or by position in the order ``names`` (``F.relu(x, True)`` is
+    ``inplace=True``), or fixed by a module; ``inplace`` is dropped: a rule never
+    overwrites its input (another node may read it)."""
 
     def rule(context, node, args, kwargs) -> Pair:
         x, x_t = _split(args[0])
-        rest = tuple(_value(a) for a in args[1:])
-        options = {k: _value(v) for k, v in kwargs.items() if k != "inplace"}
-        value = forward(x, *rest, **options)
-        return value, (None if x_t is None else derivative(x_t, x, value))
+        options = dict(zip(names, (_value(a) for a in args[1:]), strict=False))
+        options |= {k: _value(v) for k, v in kwargs.items()} | (fixed or {})
+        options.pop("inplace", None)
+        value = forward(x, **options)
+        return value, (None if x_t is None else derivative(x_t, x, value, **options))
 
     return rule
 
 
-def _relu_tangent(x_t: Tensor, x: Tensor, value: Tensor) -> Tensor:
+def _relu_tangent(x_t: Tensor, x: Tensor, value: Tensor, **options) -> Tensor:
     return torch.ops.aten.threshold_backward(x_t, value, 0)
 
 
@@ -317,34 +359,26 @@ def _owns_input(node: fx.Node, submodules: dict[str, nn.Module]) -> bool:
             and type(submodules[source.target]) in _AFFINE)
 
 
-_POINTWISE = {
-    "relu": (F.relu, _relu_tangent),
-    "hardswish": (F.hardswish, lambda t, x, y: torch.ops.aten.hardswish_backward(t, x)),
-    "hardsigmoid": (F.hardsigmoid, lambda t, x, y: torch.ops.aten.hardsigmoid_backward(t, x)),
-    "silu": (F.silu, lambda t, x, y: torch.ops.aten.silu_backward(t, x)),
-    "sigmoid": (torch.sigmoid, lambda t, x, y: torch.ops.aten.sigmoid_backward(t, y)),
-    "tanh": (torch.tanh, lambda t, x, y: torch.ops.aten.tanh_backward(t, y)),
-    "gelu": (F.gelu, None),  # approximate= is an option: see _gelu_rule
+#: name -> (function, derivative(ẋ, x, y, **options), its options in positional order).
+_POINTWISE: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
+    "relu": (F.relu, _relu_tangent, ("inplace",)),
+    "hardswish": (F.hardswish, lambda t, x, y: torch.ops.aten.hardswish_backward(t, x),
+                  ("inplace",)),
+    "hardsigmoid": (F.hardsigmoid, lambda t, x, y: torch.ops.aten.hardsigmoid_backward(t, x),
+                    ("inplace",)),
+    "silu": (F.silu, lambda t, x, y: torch.ops.aten.silu_backward(t, x), ("inplace",)),
+    "sigmoid": (torch.sigmoid, lambda t, x, y: torch.ops.aten.sigmoid_backward(t, y), ()),
+    "tanh": (torch.tanh, lambda t, x, y: torch.ops.aten.tanh_backward(t, y), ()),
+    "gelu": (F.gelu, lambda t, x, y, approximate="none": torch.ops.aten.gelu_backward(
+        t, x, approximate=approximate), ("approximate",)),
 }
 
 
-def _gelu_rule(context, node, args, kwargs) -> Pair:
-    x, x_t = _split(args[0])
-    approximate = _value(kwargs.get("approximate", "none"))
-    value = F.gelu(x, approximate=approximate)
-    tangent = (None if x_t is None
-               else torch.ops.aten.gelu_backward(x_t, x, approximate=approximate))
-    return value, tangent
-
-
 def _module_pointwise(kind: str) -> Callable:
+    """The rule of an activation module (``nn.GELU`` fixes its ``approximate``)."""
     def make(module: nn.Module, name: str) -> Callable:
-        if kind == "gelu":
-            approximate = module.approximate
-            return lambda context, node, args, kwargs: _gelu_rule(
-                context, node, args, {"approximate": approximate})
-        forward, derivative = _POINTWISE[kind]
-        return _pointwise(forward, derivative)
+        fixed = {"approximate": module.approximate} if kind == "gelu" else None
+        return _pointwise(*_POINTWISE[kind], fixed=fixed)
     return make
 
 
@@ -453,15 +487,17 @@ def _tangents_in(structure):
     return structure
 
 
-def _sum_rule(sign: float) -> Callable:
-    """``a + b`` / ``a − b``, either side a tensor or a number."""
-    combine = operator.add if sign > 0 else operator.sub
+def _sum_rule(function: Callable, sign: float) -> Callable:
+    """``a + alpha·b`` / ``a − alpha·b`` (``alpha`` by keyword, as ``torch.add`` takes it),
+    either side a tensor or a number."""
 
     def rule(context, node, args, kwargs) -> Pair:
         (a, a_t), (b, b_t) = _split(args[0]), _split(args[1])
-        value = combine(a, b)
-        if b_t is not None and sign < 0:
-            b_t = -b_t
+        options = {k: _value(v) for k, v in kwargs.items()}
+        value = function(a, b, **options)
+        factor = sign * options.get("alpha", 1)
+        if b_t is not None and factor != 1:
+            b_t = b_t * factor
         return value, _like(value, _add(a_t, b_t))
     return rule
 
@@ -513,10 +549,10 @@ def _dropout_rule(module: nn.Module) -> Callable:
 
 
 _FUNCTION_RULES: dict[Callable, Callable] = {
-    operator.add: _sum_rule(1.0),
-    torch.add: _sum_rule(1.0),
-    operator.sub: _sum_rule(-1.0),
-    torch.sub: _sum_rule(-1.0),
+    operator.add: _sum_rule(operator.add, 1.0),
+    torch.add: _sum_rule(torch.add, 1.0),
+    operator.sub: _sum_rule(operator.sub, -1.0),
+    torch.sub: _sum_rule(torch.sub, -1.0),
     operator.mul: _product_rule,
     torch.mul: _product_rule,
     operator.getitem: _linear_map(operator.getitem),
@@ -535,8 +571,11 @@ _FUNCTION_RULES: dict[Callable, Callable] = {
     F.silu: _pointwise(*_POINTWISE["silu"]),
     torch.sigmoid: _pointwise(*_POINTWISE["sigmoid"]),
     torch.tanh: _pointwise(*_POINTWISE["tanh"]),
-    F.gelu: _gelu_rule,
+    F.gelu: _pointwise(*_POINTWISE["gelu"]),
 }
+
+#: Functions taking ``inplace`` as an argument, and its position.
+_INPLACE_POSITION = {F.relu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.silu: 1, F.dropout: 3}
 
 _METHOD_RULES: dict[str, Callable] = {
     "view": _linear_map(Tensor.view),

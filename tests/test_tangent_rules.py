@@ -257,3 +257,36 @@ def test_bias_only_direction_of_an_unbatched_linear_leaves_the_target_intact() -
     assert torch.equal(tangents["second.bias"], kept)
     expected = params["second.weight"] @ (tangents["first.weight"] @ x[0]) + kept
     assert torch.allclose(logits_tangent[0], expected, atol=1e-12)
+
+
+class ArgumentForms(nn.Module):
+    """Options given by position (``F.relu(x, True)`` is ``inplace=True``) or keyword, and
+    a sum with ``alpha``. ``share=True``: the in-place activation overwrites a tensor that
+    a later node reads too, which the rules (that never overwrite) cannot reproduce."""
+
+    def __init__(self, share: bool) -> None:
+        super().__init__()
+        self.share = share
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x)
+        activated = F.hardswish(hidden, True)
+        later = F.relu(hidden) if self.share else F.relu(self.second(x), True)
+        skip = activated + F.gelu(self.second(x), approximate="tanh")
+        return self.head(torch.add(skip, later, alpha=0.5))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_options_given_by_position_or_keyword_are_honoured(share: bool) -> None:
+    model = ArgumentForms(share).double().eval()
+    assert (compile_rules(model) is None) == share  # shared: forward-mode autograd
+    target = targets.random(model, 10)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    kept = x.clone()
+    scores = redirection_scores(model, x, target, "jvp")
+    assert torch.equal(x, kept)
+    reference = redirection_scores(model, x, target, "double_backward")
+    assert relative_error(scores, reference) <= 1e-10
