@@ -57,9 +57,10 @@ from grad2.defenses import (
     ReverseSigmoid,
 )
 from grad2.folding import folded_inputs
-from grad2.models import set_memory_format
+from grad2.models import build_model, set_memory_format
 from grad2.redirect import redirect
-from grad2.scores import _folded, _jvp_scores, redirection_scores, tangent_like
+from grad2.scores import _folded, _jvp_scores, _program, redirection_scores, tangent_like
+from grad2.tangent_rules import log_softmax_tangent
 
 #: The victim's input: one-channel 28x28 images (Fashion-MNIST-like, normalised).
 INPUT_SHAPE = (1, 28, 28)
@@ -97,15 +98,10 @@ class BenchCNN(nn.Sequential):
 
 
 def victim_model(num_classes: int, own_cnn: bool = False) -> tuple[nn.Module, str]:
-    """The victim (and same-size surrogate) architecture: ``grad2.models``' ``small_cnn``
-    when available, else (or with ``own_cnn``) :class:`BenchCNN` at width 16."""
+    """The victim (and same-size surrogate) architecture: ``grad2.models``' ``small_cnn``,
+    or with ``own_cnn`` :class:`BenchCNN` at width 16."""
     if not own_cnn:
-        try:
-            from grad2.models import build_model
-        except ImportError:
-            pass
-        else:
-            return build_model("small_cnn", num_classes, INPUT_SHAPE[0]), "small_cnn"
+        return build_model("small_cnn", num_classes, INPUT_SHAPE[0]), "small_cnn"
     return BenchCNN(num_classes, 16, INPUT_SHAPE[0]), "bench_cnn(width=16)"
 
 
@@ -205,13 +201,10 @@ class Timer:
 #: The JVP scores computed other ways, timed beside the library's default: forward-mode
 #: autograd instead of the explicit tangent rules (what the rules save), and without
 #: batch-norm folding too (the library's JVP before both).
-JVP_VARIANTS: dict[str, dict[str, bool]] = {
-    "jvp_scores_autograd": {"rules": False},
-    "jvp_scores_autograd_unfolded": {"rules": False, "fold": False},
-}
-JVP_VARIANT_LABELS = {
-    "jvp_scores_autograd": "forward-mode autograd",
-    "jvp_scores_autograd_unfolded": "autograd, batch-norms not folded",
+JVP_VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
+    "jvp_scores_autograd": ("forward-mode autograd", {"rules": False}),
+    "jvp_scores_autograd_unfolded": ("autograd, batch-norms not folded",
+                                     {"rules": False, "fold": False}),
 }
 
 
@@ -249,10 +242,12 @@ def reference_style_grad2(surrogate: nn.Module, target: dict[str, Tensor], x: Te
     return defended
 
 
-def jvp_function(model: nn.Module, target: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+def jvp_function(model: nn.Module, target: dict[str, Tensor],
+                 rules: bool = True) -> Callable[[Tensor], Tensor]:
     """``x -> scores``: the library's JVP kernel on ``x`` exactly as given, without
     :func:`redirection_scores`' wrapper (which computes a lone query as a batch of two, for
-    bit-identical answers). For measuring that choice, and for ``torch.compile``."""
+    bit-identical answers). For measuring that choice, and for ``torch.compile``
+    (``rules=False``: forward-mode autograd, the kernel its figures were measured with)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     tangents = tangent_like(params, target)
@@ -261,7 +256,11 @@ def jvp_function(model: nn.Module, target: dict[str, Tensor]) -> Callable[[Tenso
         network = folded.module
         params, tangents, buffers = folded_inputs(folded, params, tangents, buffers)
 
+    program = _program(network) if rules else None
+
     def scores(x: Tensor) -> Tensor:
+        if program is not None:
+            return log_softmax_tangent(*program(params, tangents, buffers, x))
         return _jvp_scores(network, params, buffers, tangents, x)
 
     return scores
@@ -375,7 +374,7 @@ def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dic
             items.append(Item("jvp_scores",
                               lambda x=x, s=surrogate, t=target: redirection_scores(s, x, t),
                               {"batch": batch, "surrogate": size}))
-            for variant, options in JVP_VARIANTS.items():
+            for variant, (_, options) in JVP_VARIANTS.items():
                 items.append(Item(variant, lambda x=x, s=surrogate, t=target, o=options:
                                   redirection_scores(s, x, t, **o),
                                   {"batch": batch, "surrogate": size}))
@@ -562,7 +561,7 @@ def compile_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> list[
     batch size, steady-state time, and the difference from eager."""
     models = build_models(setup, 10)
     surrogate = models["surrogates"]["same"]
-    scores = jvp_function(surrogate, targets.all_ones(surrogate))
+    scores = jvp_function(surrogate, targets.all_ones(surrogate), rules=False)
     out = []
     torch._dynamo.reset()
     # One function for every batch size, as a server would hold; a new shape may still
@@ -682,7 +681,7 @@ def format_table(result: dict[str, Any]) -> str:
             cell = f"{_ms(s['jvp_s'])}/{_ms(s['forward_s'])} {s['ratio']:.1f}x"
             cells.append(f" | {cell:>16s}")
         lines.append(f"{'  surrogate ' + size:44s}" + "".join(cells))
-        for variant, label in JVP_VARIANT_LABELS.items():
+        for variant, (label, _) in JVP_VARIANTS.items():
             cells = []
             for batch in batches:
                 s = next(r for r in result["scores"]

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from grad2.bench import JVP_VARIANT_LABELS
+from grad2.bench import JVP_VARIANTS
 
 
 def ms(seconds: float | None) -> str:
@@ -52,11 +52,11 @@ def scores(result: dict) -> list[str]:
     lines = ["| surrogate | " + " | ".join(f"B={b}" for b in batches) + " |",
              "| --- |" + " --- |" * len(batches)]
     for size in ("same", "half"):
-        rows = {"": [], **{label: [] for label in JVP_VARIANT_LABELS.values()}}
+        rows = {"": [], **{label: [] for label, _ in JVP_VARIANTS.values()}}
         for batch in batches:
             r = find(result["scores"], batch=batch, surrogate=size)
             rows[""].append(f"{ms(r['jvp_s'])} / {ms(r['forward_s'])} ms ({r['ratio']:.2f}×)")
-            for variant, label in JVP_VARIANT_LABELS.items():
+            for variant, (label, _) in JVP_VARIANTS.items():
                 timing = r["variants"][variant]
                 rows[label].append(f"{ms(timing['median_s'])} ms ({timing['ratio']:.2f}×)")
         for label, cells in rows.items():
