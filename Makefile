@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export GRAD2_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: demo test unit integration lint prereqs setup data clean
+.PHONY: demo test unit integration lint prereqs setup data wheel clean
 
 demo: setup data
 	$(BIN)/grad2 demo
@@ -37,14 +37,22 @@ prereqs:
 	  [ -n "$$v" ] && [ "$$v" -ge 11 ] || { \
 	  echo "error: java $$v found; TorchServe needs a JDK >= 11: 'apt-get install openjdk-17-jdk-headless'."; exit 1; }
 
-$(STAMP): pyproject.toml
+# The package declares version ranges; this repository's environment is pinned exactly by
+# constraints.txt, so every make test / make demo installs the same versions.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 data: setup
 	$(BIN)/grad2 fetch-data
 
+# The plugin's wheel, for `pip install 'dist/grad2_serve-*.whl[serve]'` on a TorchServe host.
+wheel: setup
+	rm -rf build dist
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -q -w dist .
+	@ls dist/*.whl
+
 clean:
-	rm -rf $(VENV) .cache model_store/*.mar logs
+	rm -rf $(VENV) .cache model_store/*.mar logs build dist

@@ -6,7 +6,7 @@ handler (raw body, text, decoded JSON, base64 inside JSON, KServe v1/v2, multipa
 an arbitrary row), then goes through ``select_payload`` and ``decode_request``. The
 property checked on every input (:func:`check_input`):
 
-- the only exception allowed out is :class:`serving_io.RequestError` with a 4xx status
+- the only exception allowed out is :class:`codec.RequestError` with a 4xx status
   and a message (the handler maps it to that HTTP status); anything else is a decoder bug;
 - a decoded request holds ``[N, 1, 28, 28]`` float32 pixels in ``[0, 1]``, ``1 <= N <= 64``;
 - one input takes less than :data:`TIME_LIMIT` seconds.
@@ -43,7 +43,7 @@ if __name__ == "__main__" and "--seeds" not in sys.argv:
         import PIL.Image
 
         PIL.Image.init()  # import every image plugin now, while instrumenting
-        from grad2 import serving_io
+        from grad2.serve import codec
 
 import base64
 import hashlib
@@ -55,8 +55,8 @@ from typing import Any
 
 import torch
 
-from grad2 import serving_io
 from grad2.config import InputConfig
+from grad2.serve import codec
 
 #: The served models' input (as in ``integration_tests/conftest.py``).
 SPEC = InputConfig.from_dict({"channels": 1, "height": 28, "width": 28, "mean": [0.286],
@@ -122,9 +122,9 @@ def check_row(row: Any, content_type: str | None, kind: str = "row") -> str:
     ``"ok"`` or the refusal's status."""
     started = time.perf_counter()
     try:
-        _, value = serving_io.select_payload(row)
-        decoded = serving_io.decode_request(value, content_type, SPEC)
-    except serving_io.RequestError as error:
+        _, value = codec.select_payload(row)
+        decoded = codec.decode_request(value, content_type, SPEC)
+    except codec.RequestError as error:
         outcome = str(error.status)
         assert 400 <= error.status < 500, (kind, error.status)
         assert isinstance(error.message, str) and error.message, kind
@@ -133,7 +133,7 @@ def check_row(row: Any, content_type: str | None, kind: str = "row") -> str:
         pixels = decoded.pixels
         assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.float32, kind
         assert pixels.ndim == 4 and tuple(pixels.shape[1:]) == (1, 28, 28), pixels.shape
-        assert 1 <= pixels.shape[0] <= serving_io.MAX_IMAGES_PER_REQUEST, pixels.shape
+        assert 1 <= pixels.shape[0] <= codec.MAX_IMAGES_PER_REQUEST, pixels.shape
         assert bool(torch.isfinite(pixels).all()), kind
         assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0, kind
     elapsed = time.perf_counter() - started

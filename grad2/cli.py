@@ -1,9 +1,9 @@
 """The ``grad2`` command: one entry point, one sub-command per task.
 
-Each module listed in ``COMMAND_MODULES`` defines ``register(subparsers)``, which adds
-its sub-commands and sets ``func`` on them; modules are imported only when the
-command line is parsed, so ``grad2 --help`` stays fast and a broken optional module
-cannot take the others down.
+:data:`COMMANDS` is the one table of sub-commands: each names the module whose
+``register(subparsers)`` adds it (and sets ``func``), and a one-line help. Only the
+module of the command being run is imported, so ``grad2 serve --stop`` never imports the
+lab, and ``grad2 --help`` imports nothing but this file.
 """
 
 from __future__ import annotations
@@ -13,39 +13,51 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = (
-    "grad2.data",
-    "grad2.train",
-    "grad2.serving",
-    "grad2.attack",
-    "grad2.evaluate",
-    "grad2.tune",
-    "grad2.watermark",
-    "grad2.target_files",
-    "grad2.bench",
-    "grad2.bench_serve",
-    "grad2.demo",
-)
+#: Sub-command -> (module that registers it, one-line help for ``grad2 --help``).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "archive": ("grad2.serve.cli", "validate a model and its defense config, pack a .mar"),
+    "serve": ("grad2.serve.cli", "start (or --stop) TorchServe with defended models"),
+    "tune": ("grad2.lab.tune", "choose epsilon for a model version, build the next archive"),
+    "target": ("grad2.lab.target_files", "write a target direction file (target: file)"),
+    "train-victim": ("grad2.lab.train", "train a victim"),
+    "train-surrogate": ("grad2.lab.train", "distil an early-stopped surrogate from a victim"),
+    "train-clone": ("grad2.lab.train", "train a thief's clone on a victim's answers"),
+    "attack": ("grad2.lab.attack", "steal a served model through its API, score the clone"),
+    "evaluate": ("grad2.lab.evaluate", "sweep thieves against every defense"),
+    "watermark": ("grad2.lab.watermark", "create or evaluate a watermark target"),
+    "verify": ("grad2.lab.watermark", "test a suspect model for the watermark"),
+    "bench": ("grad2.lab.bench", "time the defenses in process"),
+    "bench-serve": ("grad2.lab.bench_serve", "throughput and latency through TorchServe"),
+    "fetch-data": ("grad2.lab.data", "fetch the lab's datasets into the cache"),
+    "demo": ("grad2.lab.demo", "the whole product at work (make demo)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full options of ``command`` (its module imported) and a
+    one-line entry for every other sub-command."""
     parser = argparse.ArgumentParser(
         prog="grad2", description="GRAD² model-stealing defense for TorchServe."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:
-                continue  # not written yet
-            raise
-        module.register(subparsers)
+    owner = COMMANDS[command][0] if command in COMMANDS else None
+    if owner is not None:
+        importlib.import_module(owner).register(subparsers)
+    registered = set(subparsers.choices)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in registered:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The first argument that names a sub-command (options come after it)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

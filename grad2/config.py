@@ -10,32 +10,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS = (
-    "grad2",
-    "none",
-    "top1",
-    "rounding",
-    "random",
-    "reverse_sigmoid",
-    "mad",
-    "mad_argmax",
-)
+from grad2.scores import METHODS as SCORE_METHODS
+
 TARGETS = ("all_ones", "min_ip", "watermark", "random", "file")
-SCORE_METHODS = ("jvp", "jvp_cheap", "double_backward", "finite_difference")
 ON_FAILURE = ("reject", "top1")
 OUTPUTS = ("probabilities", "topk")
-
-#: Methods that need an L1 budget ``epsilon``.
-BUDGETED_METHODS = ("grad2", "random", "mad", "mad_argmax")
-#: Methods that need a surrogate network.
-SURROGATE_METHODS = ("grad2", "mad", "mad_argmax")
-#: Methods whose answers keep the clean top-1 label when ``preserve_top1`` is set.
-TOP1_CAPABLE_METHODS = ("grad2", "random", "none", "top1", "mad_argmax")
 #: Targets read from a tensor file packed in the archive.
 FILE_TARGETS = ("watermark", "file")
+#: The ε grid that tuning and the evaluation sweep by default.
+EPSILON_GRID: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(11))
+
+
+def defense_classes() -> dict[str, type]:
+    """The served methods, ``name -> class`` (:data:`grad2.defenses.DEFENSES`, the one list
+    of method names; each class says what it needs)."""
+    from grad2.defenses import DEFENSES  # defenses imports this module
+
+    return DEFENSES
 
 
 class ConfigError(ValueError):
@@ -127,7 +121,7 @@ class DefenseConfig:
         known = {f.name for f in fields(cls)}
         _reject_unknown(section, raw, known)
         merged = {**asdict(cls()), **raw}
-        method = _choice(section, "method", merged["method"], METHODS)
+        method = _choice(section, "method", merged["method"], tuple(defense_classes()))
         config = cls(
             method=method,
             epsilon=_number(section, "epsilon", merged["epsilon"], 0.0, 2.0),
@@ -148,16 +142,17 @@ class DefenseConfig:
         return config
 
     def _check_combination(self) -> None:
-        if self.method in SURROGATE_METHODS and self.surrogate is None:
+        if self.needs_surrogate and self.surrogate is None:
             raise ConfigError(
                 "defense.surrogate", f"method {self.method} needs a surrogate state_dict file"
             )
-        if self.preserve_top1 and self.method not in TOP1_CAPABLE_METHODS:
+        if self.preserve_top1 and not defense_classes()[self.method].can_keep_top1:
             hint = "; use method mad_argmax" if self.method == "mad" else ""
+            capable = [name for name, cls in defense_classes().items() if cls.can_keep_top1]
             raise ConfigError(
                 "defense.preserve_top1",
                 f"method {self.method} cannot keep the top-1 label{hint}; "
-                f"methods that can: {', '.join(TOP1_CAPABLE_METHODS)}",
+                f"methods that can: {', '.join(capable)}",
             )
         if self.method == "grad2" and self.target in FILE_TARGETS and self.target_file is None:
             raise ConfigError(
@@ -173,7 +168,12 @@ class DefenseConfig:
 
     @property
     def needs_surrogate(self) -> bool:
-        return self.method in SURROGATE_METHODS
+        return defense_classes()[self.method].needs_surrogate
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether ``epsilon`` applies to this method."""
+        return defense_classes()[self.method].budgeted
 
 
 @dataclass(frozen=True)
@@ -189,14 +189,13 @@ class InputConfig:
     max_side: int = 4096
     #: Torch threads per worker; TorchServe sets none, and oversubscription is costly.
     threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> InputConfig:
         """Validate an ``input:`` mapping; raises :class:`ConfigError` naming the key."""
         section = "input"
         raw = {} if raw is None else raw
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         _reject_unknown(section, raw, known)
         defaults = cls()
         channels = _integer(section, "channels", raw.get("channels", defaults.channels), 1, 4)
@@ -226,8 +225,7 @@ class HandlerConfig:
     #: Every answer a bit-exact function of its image, whatever the batching.
     batch_invariant: bool = True
     #: ``channels_last`` runs convolutions and pools in NHWC (oneDNN's native layout on a
-    #: CPU: small_cnn's forward 2.2x faster here, docs/performance.md); ``contiguous``
-    #: keeps PyTorch's default NCHW.
+    #: CPU; docs/performance.md measures both); ``contiguous`` keeps PyTorch's NCHW.
     memory_format: str = "channels_last"
 
     @classmethod

@@ -5,9 +5,10 @@
 defense is built from a ``defense:`` config section by :func:`build_defense`, which looks
 the class up by method name: a new defense is one class plus one registry entry.
 
-Besides the product's methods (GRAD², none, top-1, rounding, random, reverse sigmoid,
-MAD, MAD-argmax) this module holds the evaluation's controls (random scores, shuffled
-scores, fixed-class push), which tell gradient steering apart from a class-bias push.
+The served methods are the classes in :data:`DEFENSES` (the one list of method names);
+each class says what it needs (``budgeted``, ``needs_surrogate``) and whether it can keep
+the top-1 label (``can_keep_top1``), and :class:`grad2.config.DefenseConfig` validates
+against that. The evaluation's controls live in the lab (:mod:`grad2.lab.controls`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class Defense(ABC):
 
     #: The ``defense.method`` name that selects this class, if any.
     method: ClassVar[str | None] = None
+    #: Whether ``defense.epsilon`` (an L1 budget) applies.
+    budgeted: ClassVar[bool] = False
+    #: Whether it needs a surrogate network (``defense.surrogate``).
+    needs_surrogate: ClassVar[bool] = False
+    #: Whether its answers can keep the clean top-1 label (``defense.preserve_top1``).
+    can_keep_top1: ClassVar[bool] = False
     #: Whether each answer is a function of its own row, computed by a network whose CPU
     #: kernels depend on the batch size (:meth:`network_rows`): then :meth:`plan_batches`
     #: applies.
@@ -113,6 +120,7 @@ class NoDefense(Defense):
     """Returns the clean probabilities (the undefended reference)."""
 
     method = "none"
+    can_keep_top1 = True
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
         return probs.clone()
@@ -122,6 +130,7 @@ class Top1(Defense):
     """Returns the one-hot top-1 label only."""
 
     method = "top1"
+    can_keep_top1 = True
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
         return torch.zeros_like(probs).scatter_(1, probs.argmax(dim=1, keepdim=True), 1.0)
@@ -171,8 +180,11 @@ class ReverseSigmoid(Defense):
         return torch.where(total > 0, perturbed / total.clamp_min(tiny), fallback)
 
 
-class _Redirection(Defense):
+class Redirection(Defense):
     """Score-driven defenses: ``ỹ = redirect(probs, scores(x, probs), epsilon)``."""
+
+    budgeted = True
+    can_keep_top1 = True
 
     def __init__(self, epsilon: float, preserve_top1: bool = False) -> None:
         self.epsilon = _check_epsilon(epsilon)
@@ -216,7 +228,7 @@ def solve_answers(probs: Tensor, scores: Tensor, epsilon: float | Tensor,
     return separate_top(defended, probs, margin)
 
 
-class GRAD2(_Redirection):
+class GRAD2(Redirection):
     """Gradient redirection: scores ``c = G t`` of a surrogate along target ``t``.
 
     Args:
@@ -224,12 +236,12 @@ class GRAD2(_Redirection):
         epsilon: L1 budget in ``[0, 2]``.
         target: ``"all_ones"``, ``"min_ip"`` (recomputed per batch), or a tensor dict
             keyed like ``surrogate.named_parameters()`` (watermark, random, from file).
-        score_method: one of :data:`grad2.scores.METHODS` (``"jvp"``, ``"jvp_cheap"``,
-            ``"double_backward"``, ``"finite_difference"``).
+        score_method: one of :data:`grad2.scores.METHODS`.
         preserve_top1: never flip the clean top-1 label.
     """
 
     method = "grad2"
+    needs_surrogate = True
 
     def __init__(
         self,
@@ -294,12 +306,12 @@ class GRAD2(_Redirection):
         return self.scores(x, probs)
 
 
-def _push_scores(probs: Tensor, receivers: Tensor) -> Tensor:
+def push_scores(probs: Tensor, receivers: Tensor) -> Tensor:
     """Scores that send the budget to ``receivers`` ``[B]``, taken from the likeliest first."""
     return (-probs).scatter(1, receivers.unsqueeze(1), 2.0)
 
 
-class RandomNoise(_Redirection):
+class RandomNoise(Redirection):
     """Moves ``ε/2`` of mass to one random non-top class (seeded, fresh per query)."""
 
     method = "random"
@@ -317,52 +329,7 @@ class RandomNoise(_Redirection):
         batch, num_classes = probs.shape
         offset = torch.randint(1, max(num_classes, 2), (batch,), generator=self._generator)
         receivers = (probs.argmax(dim=1).cpu() + offset) % num_classes
-        return _push_scores(probs, receivers.to(probs.device))
-
-
-class RandomScores(_Redirection):
-    """Control: the GRAD² solver with seeded Gaussian scores (no gradient information)."""
-
-    def __init__(self, epsilon: float, seed: int = 0, preserve_top1: bool = False) -> None:
-        super().__init__(epsilon, preserve_top1)
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
-        noise = torch.randn(probs.shape, generator=self._generator, dtype=torch.float64)
-        return noise.to(probs)
-
-
-class ShuffledScores(_Redirection):
-    """Control: GRAD²'s own scores, permuted across the queries of a batch.
-
-    Keeps the distribution of receiving classes and breaks their link to the query.
-    """
-
-    def __init__(self, grad2: GRAD2, seed: int = 0) -> None:
-        super().__init__(grad2.epsilon, grad2.preserve_top1)
-        self.grad2, self.seed = grad2, seed
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
-        permutation = torch.randperm(x.shape[0], generator=self._generator).to(probs.device)
-        return self.grad2.scores(x, probs)[permutation]
-
-
-class FixedClassPush(_Redirection):
-    """Control: the same budget always given to one class ``receiver``."""
-
-    def __init__(self, epsilon: float, receiver: int, preserve_top1: bool = False) -> None:
-        super().__init__(epsilon, preserve_top1)
-        if not isinstance(receiver, int) or receiver < 0:
-            raise ValueError(f"receiver must be a class index, got {receiver!r}")
-        self.receiver = receiver
-
-    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
-        if self.receiver >= probs.shape[1]:
-            raise ValueError(f"receiver {self.receiver} >= number of classes {probs.shape[1]}")
-        receivers = torch.full((probs.shape[0],), self.receiver, device=probs.device)
-        return _push_scores(probs, receivers)
+        return push_scores(probs, receivers.to(probs.device))
 
 
 class MAD(Defense):
@@ -383,6 +350,8 @@ class MAD(Defense):
     """
 
     method = "mad"
+    budgeted = True
+    needs_surrogate = True
     keep_top1: ClassVar[bool] = False
     plans_batches = True
 
@@ -488,6 +457,7 @@ class MADArgmax(MAD):
 
     method = "mad_argmax"
     keep_top1 = True
+    can_keep_top1 = True
 
 
 def _keeps_top1(probs: Tensor, step: Tensor) -> Tensor:
@@ -508,6 +478,7 @@ def _last_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+#: The served methods: ``defense.method`` name -> class.
 DEFENSES: dict[str, type[Defense]] = {
     cls.method: cls
     for cls in (NoDefense, Top1, Rounding, ReverseSigmoid, GRAD2, RandomNoise, MAD, MADArgmax)

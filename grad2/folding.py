@@ -8,10 +8,10 @@ direction ``(W_t, b_t, γ_t, β_t)`` is the folded network's JVP along
 
     W'_t = W_t·s + W·s_t,   b'_t = b_t·s + (b − μ)·s_t + β_t,   s_t = γ_t / sqrt(σ² + eps).
 
-The folded network has no batch-norm to differentiate: the forward-mode rule of eval
-batch-norm is several passes over the activations (docs/performance.md), and with it
-gone the JVP scores of a conv/BN network cost 15-25% less. The scores are the same up to
-float rounding (the tests compare them with the unfolded JVP and with double backward).
+The folded network has no batch-norm to differentiate, whose forward-mode rule is several
+passes over the activations (what it saves: docs/performance.md, "Batch-norm folding").
+The scores are the same up to float rounding (the tests compare them with the unfolded JVP
+and with double backward).
 
 :func:`fold_batch_norm` traces a network once with ``torch.fx`` (``None`` when it cannot be
 traced or has no convolution/batch-norm pair to fold); :func:`folded_inputs` maps the
@@ -111,10 +111,9 @@ def fold_batch_norm(model: nn.Module) -> FoldedNetwork | None:
         if norm is None or not isinstance(source, fx.Node) or source.op != "call_module":
             continue
         conv = submodules[source.target]
-        # Grouped (depthwise) convolutions are left unfolded: on this CPU build their
-        # forward-mode rule with a bias costs more than the batch-norm's tangent passes
-        # (mobilenet_v3_small: folding all 34 pairs 3-4% slower, all but its 11 grouped
-        # ones 0-3% faster; docs/performance.md).
+        # Grouped (depthwise) convolutions are left unfolded: on a CPU their forward-mode
+        # rule with a bias costs more than the batch-norm's tangent passes (measured on
+        # mobilenet_v3_small: docs/performance.md, "Batch-norm folding").
         if (type(norm) is not _CONV_BN.get(type(conv)) or conv.groups != 1
                 or len(source.users) != 1
                 or len(node.args) != 1 or node.kwargs or not norm.track_running_stats

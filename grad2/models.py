@@ -1,6 +1,6 @@
 """Architectures for victims, surrogates and clones, and their checkpoint format.
 
-Every architecture takes ``float [B, C, 28, 28]`` (normalised, see ``grad2.data.to_tensor``)
+Every architecture takes ``float [B, C, 28, 28]`` (normalised, see ``grad2.lab.data.to_tensor``)
 and returns logits ``[B, K]``. Networks are built by name through one registry:
 
 - ``small_cnn`` — the victim default: three conv/BN/ReLU/max-pool blocks (16, 32, 64

@@ -6,16 +6,13 @@ computations are offered (they agree to numerical precision; the tests check it)
 
 - ``"jvp"``: forward mode; one pass, about two to three forward passes of cost,
   independent of ``K``. Eval batch-norms that follow a convolution are folded into it
-  first (:mod:`grad2.folding`: same scores up to rounding, 15-25% cheaper). Where every
-  layer of the (folded) network has an explicit tangent rule (:mod:`grad2.tangent_rules`:
+  first (:mod:`grad2.folding`: same scores up to rounding). Where every layer of the
+  (folded) network has an explicit tangent rule (:mod:`grad2.tangent_rules`:
   convolutions, linear layers, batch-norm, pools, common activations, ``+``, ``*``,
   reshapes) the primal and the tangent run as plain tensor operations; otherwise through
-  ``torch.autograd.forward_ad`` dual parameters and ``torch.func.functional_call``. Same
-  scores up to rounding; the rules skip autograd's per-operation cost (13-22% faster on
-  small_cnn at batch 1-32, docs/performance.md).
-  ``"jvp_cheap"`` is the same with the cheaper forward-mode rules of
-  :mod:`grad2.fast_tangents` for batch-norm, max-pool, ReLU and first-layer
-  convolutions (opt-in: faster at batch 16-32, slower for a lone query).
+  ``torch.autograd.forward_ad`` dual parameters and ``torch.func.functional_call``. The
+  other ways of running the engine (:data:`JVP_PATHS`) are for benchmarks and tests:
+  :func:`jvp_kernel` and :func:`path_scores`.
 - ``"double_backward"``: reverse over reverse, ``∂⟨∇_θ Σ u·ℓ, t⟩/∂u``, the way the
   authors' code computes it.
 - ``"finite_difference"``: a central difference of two plain forward passes along ``t``.
@@ -32,41 +29,76 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from grad2.fast_tangents import CheapTangents
 from grad2.folding import FoldedNetwork, fold_batch_norm, folded_inputs
 from grad2.tangent_rules import TangentProgram, compile_rules, log_softmax_tangent
 
 Target = Mapping[str, Tensor]
-#: ``jvp_cheap`` is ``jvp`` with the cheaper forward-mode rules of
-#: :mod:`grad2.fast_tangents`: 15-25% faster JVPs at batch 16-32 on small CNNs, but slower
-#: for a lone query and for networks of many tiny layers (docs/performance.md), so opt-in.
-METHODS = ("jvp", "jvp_cheap", "double_backward", "finite_difference")
+#: Ways of computing ``c = G t``; every one agrees with the others to rounding.
+METHODS = ("jvp", "double_backward", "finite_difference")
+#: The paths of the ``jvp`` engine, as ``(fold batch-norms, tangent rules)``. ``rules`` is
+#: what :func:`redirection_scores` runs; the others are what it falls back to or replaces.
+JVP_PATHS: dict[str, tuple[bool, bool]] = {
+    "rules": (True, True),
+    "rules_unfolded": (False, True),
+    "forward_ad": (True, False),
+    "forward_ad_unfolded": (False, False),
+}
 
 
-
-def redirection_scores(
-    model: nn.Module, x: Tensor, target: Target, method: str = "jvp", fold: bool = True,
-    rules: bool = True,
-) -> Tensor:
+def redirection_scores(model: nn.Module, x: Tensor, target: Target, method: str = "jvp"
+                       ) -> Tensor:
     """``[B, K]`` scores ``c = G t`` of ``model`` at inputs ``x`` (``[B, ...]``).
 
-    Parameters missing from ``target`` get a zero direction. ``fold=False`` runs the JVP
-    methods on ``model`` as it is, without folding its batch-norms; ``rules=False`` runs
-    ``jvp`` through ``forward_ad`` even where :mod:`grad2.tangent_rules` has a rule for
-    every layer (both for comparisons).
+    Parameters missing from ``target`` get a zero direction. ``method`` is one of
+    :data:`METHODS`.
     """
-    try:
-        compute = _METHODS[method]
-    except KeyError:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}") from None
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return _scores(model, x, target, method, *JVP_PATHS["rules"])
+
+
+def path_scores(model: nn.Module, x: Tensor, target: Target, path: str) -> Tensor:
+    """:func:`redirection_scores` by ``jvp`` along one of :data:`JVP_PATHS` (for
+    comparing the engine's paths)."""
+    if path not in JVP_PATHS:
+        raise ValueError(f"path must be one of {', '.join(JVP_PATHS)}; got {path!r}")
+    return _scores(model, x, target, "jvp", *JVP_PATHS[path])
+
+
+def jvp_kernel(model: nn.Module, target: Target, path: str = "rules"
+               ) -> Callable[[Tensor], Tensor]:
+    """``x -> [B, K] scores``: the ``jvp`` engine along ``path`` on ``x`` exactly as given,
+    without :func:`redirection_scores`' wrapper (eval mode, and a lone query computed as a
+    batch of two for bit-identical answers). For benchmarks and ``torch.compile``; the
+    model must already be in eval mode."""
+    fold, rules = JVP_PATHS[path]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    tangents = tangent_like(params, target)
+    network, folded = model, _folded(model) if fold else None
+    if folded is not None:
+        network = folded.module
+        params, tangents, buffers = folded_inputs(folded, params, tangents, buffers)
+    program = _program(network) if rules else None
+
+    def scores(x: Tensor) -> Tensor:
+        if program is not None:
+            return log_softmax_tangent(*program(params, tangents, buffers, x))
+        return _jvp_scores(network, params, buffers, tangents, x)
+
+    return scores
+
+
+def _scores(model: nn.Module, x: Tensor, target: Target, method: str, fold: bool,
+            rules: bool) -> Tensor:
+    compute = _METHODS[method]
     if torch.is_inference_mode_enabled():
         raise RuntimeError("redirection scores need autograd: call them outside inference_mode")
     if x.is_inference():
@@ -82,7 +114,7 @@ def redirection_scores(
     buffers = dict(model.named_buffers())
     with eval_mode(model), torch.enable_grad():
         network = model
-        if fold and method in _FOLDING_METHODS:
+        if fold and method == "jvp":
             folded = _folded(model)
             if folded is not None:
                 network = folded.module
@@ -97,7 +129,6 @@ def redirection_scores(
     return scores[:1] if alone else scores
 
 
-_FOLDING_METHODS = ("jvp", "jvp_cheap")
 #: The folded trace of each network seen (None: nothing to fold), until it is collected.
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedNetwork | None] = (
     weakref.WeakKeyDictionary())
@@ -179,14 +210,12 @@ def _log_probs(model: nn.Module, buffers: Mapping[str, Tensor], x: Tensor) -> Ca
     return log_probs
 
 
-def _jvp_scores(model, params, buffers, tangents, x, cheap: bool = False) -> Tensor:
+def _jvp_scores(model, params, buffers, tangents, x) -> Tensor:
     # torch.autograd.forward_ad directly, not torch.func.jvp: the same forward-mode
-    # formulas and bit-identical scores, without functorch's per-operation wrapping
-    # (5-40% faster on small CNNs, most at small batches).
+    # formulas and bit-identical scores, without functorch's per-operation wrapping.
     with forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p, tangents[name]) for name, p in params.items()}
-        with CheapTangents() if cheap else nullcontext():
-            logits = functional_call(model, (duals, buffers), (x,))
+        logits = functional_call(model, (duals, buffers), (x,))
         log_probs = torch.log_softmax(logits, dim=-1)
         tangent = forward_ad.unpack_dual(log_probs).tangent
     if tangent is None:  # nothing in the output depends on the parameters
@@ -225,7 +254,6 @@ def _finite_difference_scores(model, params, buffers, tangents, x) -> Tensor:
 
 _METHODS = {
     "jvp": _jvp_scores,
-    "jvp_cheap": partial(_jvp_scores, cheap=True),
     "double_backward": _double_backward_scores,
     "finite_difference": _finite_difference_scores,
 }

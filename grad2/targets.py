@@ -1,4 +1,4 @@
-"""Target directions ``t`` in the surrogate's parameter space (``grad2.md`` §3).
+"""Target directions ``t`` in the surrogate's parameter space.
 
 A target is a ``dict`` keyed by ``model.named_parameters()`` names with tensors of the
 parameters' shapes. Only the direction matters to the solver (it ranks scores), so

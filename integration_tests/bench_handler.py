@@ -26,7 +26,7 @@ import yaml
 from ts_client import png, predict_raw
 
 from grad2.models import build_model, save_checkpoint
-from grad2.serving import Ports, build_archive, start_server, stop_server
+from grad2.serve import Ports, build_archive, start_server, stop_server
 
 VARIANTS = {
     "grad2": ({"method": "grad2", "epsilon": 0.5, "target": "all_ones"}, True),

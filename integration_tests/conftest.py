@@ -23,7 +23,7 @@ import yaml
 from ts_client import CLASS_NAMES, build_grpc_stubs
 
 from grad2.models import build_model, save_checkpoint
-from grad2.serving import Ports, TorchServeServer, build_archive, start_server, stop_server
+from grad2.serve import Ports, TorchServeServer, build_archive, start_server, stop_server
 
 EPSILON_V1 = 0.5
 EPSILON_V2 = 1.0

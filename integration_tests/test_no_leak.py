@@ -36,8 +36,8 @@ import requests
 from conftest import EPSILON_V1, EPSILON_V2
 from ts_client import CLASS_NAMES, TIMEOUT, b64, png, post, predict_raw, vector
 
-from grad2 import serving_io
 from grad2.config import InputConfig
+from grad2.serve import codec
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +157,7 @@ def test_no_route_leaks_the_undefended_probabilities(
     assert all(response.status_code == 200 for response in twin)
     clean = [vector(response.json()) for response in twin]
     encoded = [b64(image) for image in IMAGES]
-    pixels = [serving_io.decode_image(image, SPEC) for image in IMAGES]
+    pixels = [codec.decode_image(image, SPEC) for image in IMAGES]
     octet = {"Content-Type": "application/octet-stream"}
 
     answered: list[tuple[str, int, str, list[int]]] = []  # route, status, text, images

@@ -34,7 +34,7 @@ from test_no_leak import leaks, worker_pid
 from ts_client import CLASS_NAMES, b64, png, post, predict_raw, vector
 
 from grad2.models import load_checkpoint, save_checkpoint
-from grad2.serving import Ports, build_archive, start_server
+from grad2.serve import Ports, build_archive, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -152,9 +152,9 @@ def scan_server(server, secrets: np.ndarray) -> None:
 def test_images_are_on_the_right_side_of_the_trap(checkpoints, tmp_path: Path) -> None:
     """In-process, on the same weights: the trap surrogate defends the dim images and
     the blank test batch of ``grad2 archive``, and fails on every white-patch image."""
-    from grad2 import serving_io
     from grad2.config import InputConfig
     from grad2.defenses import GRAD2
+    from grad2.serve import codec, loader
 
     surrogate, _ = load_checkpoint(trap_surrogate(checkpoints["surrogate"],
                                                   tmp_path / "trap.pt"))
@@ -164,15 +164,15 @@ def test_images_are_on_the_right_side_of_the_trap(checkpoints, tmp_path: Path) -
                                   "mean": [0.286], "std": [0.353]})
 
     def defend(pixels: torch.Tensor) -> None:
-        x = serving_io.normalise(pixels, spec)
-        probs = serving_io.clean_probabilities(victim, x)
-        serving_io.check_defended(defense(x, probs), probs)
+        x = codec.normalise(pixels, spec)
+        probs = loader.clean_probabilities(victim, x)
+        codec.check_defended(defense(x, probs), probs)
 
     defend(torch.full((2, 1, 28, 28), 0.5))
-    defend(torch.stack([serving_io.decode_image(image, spec) for image in DIM]))
+    defend(torch.stack([codec.decode_image(image, spec) for image in DIM]))
     for image in BRIGHT:
         with pytest.raises(ValueError, match="finite"):
-            defend(serving_io.decode_image(image, spec)[None])
+            defend(codec.decode_image(image, spec)[None])
 
 
 def test_failing_defense_rejects_without_probabilities(

@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import psutil
 import pytest
 
-from grad2.serving import DEFAULT_TS_CONFIG, Ports, read_java_properties, write_server_config
+from grad2.serve import Ports
+from grad2.serve.server import DEFAULT_TS_CONFIG, read_java_properties, write_server_config
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ from art.estimators.classification import BlackBoxClassifier, PyTorchClassifier
 from conftest import EPSILON_V1
 from torch import nn
 
-from grad2.attack import APIClient
-from grad2.data import FASHION_MEAN, FASHION_STD, thief_pool
-from grad2.serving import TorchServeServer
+from grad2.lab.attack import APIClient
+from grad2.lab.data import FASHION_MEAN, FASHION_STD, thief_pool
+from grad2.serve import TorchServeServer
 
 pytestmark = pytest.mark.integration
 

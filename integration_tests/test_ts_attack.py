@@ -23,11 +23,11 @@ import torch
 from conftest import stop_and_check_gone, write_model_config
 from ts_client import png, predict_raw
 
-from grad2.attack import APIClient, QueryError, encode_png
 from grad2.cli import main
-from grad2.data import FASHION_CLASSES
+from grad2.lab.attack import APIClient, QueryError, encode_png
+from grad2.lab.data import FASHION_CLASSES
 from grad2.models import build_model, load_checkpoint, save_checkpoint
-from grad2.serving import Ports, TorchServeServer, build_archive, start_server
+from grad2.serve import Ports, TorchServeServer, build_archive, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def test_cli_attack_spends_its_budget_and_reports_honestly(named_server, tmp_pat
     result = grad2_cli(
         "attack", "--url", url, "--token-file", str(named_server.key_file), "--pool", "animal",
         "--budget", str(BUDGET), "--epochs", "1", "--concurrency", "4", "--threads", "1",
-        "--no-progress", "--out", str(tmp_path / "clone.pt"),
+        "--no-progress", "--out", str(tmp_path / "report"),
     )
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,13 +94,15 @@ def test_cli_attack_spends_its_budget_and_reports_honestly(named_server, tmp_pat
     assert report["failed"] == 0 and report["errors"] == {}
     assert report["requests"] == BUDGET + report["retries"]
     assert report["epochs"] == 1
+    assert (tmp_path / "report" / "clone.pt").is_file()
+    assert json.loads((tmp_path / "report" / "attack.json").read_text()) == report
     assert isinstance(report["clone_accuracy"], float) and 0 <= report["clone_accuracy"] <= 1
     assert 0 <= report["mean_answer_entropy"] <= np.log(10) + 1e-6
     assert 0 < report["wall_time_s"] < elapsed
     # the server saw exactly the requests the thief says it made
     assert wait_for_count(named_server, MODEL, before + report["requests"]) == \
         before + report["requests"]
-    clone, metadata = load_checkpoint(tmp_path / "clone.pt")
+    clone, metadata = load_checkpoint(tmp_path / "report" / "clone.pt")
     assert metadata["role"] == "clone" and metadata["url"] == url
     with torch.inference_mode():
         assert clone(torch.zeros(3, 1, 28, 28)).shape == (3, 10)

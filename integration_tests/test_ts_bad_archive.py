@@ -15,7 +15,7 @@ from conftest import stop_and_check_gone, write_model_config
 from ts_client import png
 
 from grad2.config import ConfigError
-from grad2.serving import Ports, build_archive, start_server
+from grad2.serve import Ports, build_archive, start_server
 
 pytestmark = pytest.mark.integration
 

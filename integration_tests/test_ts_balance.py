@@ -14,14 +14,14 @@ import torch
 from conftest import stop_and_check_gone, write_model_config
 
 from grad2 import targets
-from grad2.attack import APIClient
 from grad2.balance import marginal_gap
 from grad2.cli import main
-from grad2.data import FASHION_CLASSES, thief_pool, to_tensor
 from grad2.defenses import GRAD2
+from grad2.lab.attack import APIClient
+from grad2.lab.data import FASHION_CLASSES, thief_pool, to_tensor
+from grad2.lab.train import predict_probs
 from grad2.models import build_model, load_checkpoint, save_checkpoint
-from grad2.serving import Ports, TorchServeServer, build_archive, start_server
-from grad2.train import predict_probs
+from grad2.serve import Ports, TorchServeServer, build_archive, start_server
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from PIL import Image
 from ts_client import assert_on_simplex, predict_raw
 
 from grad2.models import build_model, save_checkpoint
-from grad2.serving import Ports, TorchServeServer, build_archive, start_server
+from grad2.serve import Ports, TorchServeServer, build_archive, start_server
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from ts_client import png, predict_raw
 
-from grad2.serving import TorchServeServer
+from grad2.serve import TorchServeServer
 
 pytestmark = pytest.mark.integration
 

@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 
 from grad2.config import ConfigError
-from grad2.serving import (
-    DEFAULT_TS_CONFIG,
-    Ports,
-    check_model_config,
-    parse_model_specs,
-    read_manifest,
-    stop_server,
-    write_server_config,
-)
+from grad2.serve import Ports, check_model_config, read_manifest, stop_server
+from grad2.serve.server import DEFAULT_TS_CONFIG, parse_model_specs, write_server_config
 
 pytestmark = pytest.mark.integration
 

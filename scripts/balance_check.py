@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from grad2.balance import marginal_gap
-from grad2.data import pool_indices, thief_pool, to_tensor
-from grad2.evaluate import DefenseSpec, Lab, apply_defense, receivers
-from grad2.train import predict_probs, set_threads
+from grad2.lab.data import pool_indices, thief_pool, to_tensor
+from grad2.lab.evaluate import DefenseSpec, Lab, apply_defense, receivers
+from grad2.lab.train import predict_probs, set_threads
 
 DEFENSES = (("grad2_misdirect_top1", 2.0), ("grad2_misdirect_balanced_top1", 2.0),
             ("grad2_misdirect_top1", 1.0), ("grad2_misdirect_balanced_top1", 1.0),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from grad2.evaluate import aggregate, read_journal, thief_bars, with_prior_rows
+from grad2.lab.evaluate import aggregate, read_journal, thief_bars, with_prior_rows
 
 ROWS = (("none", 0.0), ("top1", 0.0), ("grad2_misdirect", 0.25),
         ("grad2_misdirect_balanced", 0.25), ("grad2_misdirect", 0.5),

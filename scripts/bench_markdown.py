@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from grad2.bench import JVP_VARIANTS
+from grad2.lab.bench import JVP_VARIANTS
 
 
 def ms(seconds: float | None) -> str:

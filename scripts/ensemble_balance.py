@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from grad2.data import cache_dir
-from grad2.evaluate import Lab
+from grad2.lab.data import cache_dir
+from grad2.lab.evaluate import Lab
 from grad2.scores import redirection_scores
 
 

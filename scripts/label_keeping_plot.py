@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from grad2.evaluate import read_journal, thief_bars, with_prior_rows
+from grad2.lab.evaluate import read_journal, thief_bars, with_prior_rows
 
 #: (family, knob, label), in plot order.
 POINTS = [

@@ -16,7 +16,7 @@ import copy
 import torch
 
 from grad2 import targets
-from grad2.bench import Item, Timer, paired_ratio, victim_forward
+from grad2.lab.bench import Item, Timer, paired_ratio, victim_forward
 from grad2.models import build_model, set_memory_format
 from grad2.scores import redirection_scores
 

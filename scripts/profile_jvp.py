@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from grad2 import targets
 from grad2.models import build_model
-from grad2.scores import redirection_scores
+from grad2.scores import path_scores
 
 
 def main() -> None:
@@ -31,10 +31,10 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28)
     for fold in (True, False):
         for _ in range(5):
-            redirection_scores(surrogate, x, target, fold=fold)
+            path_scores(surrogate, x, target, "rules" if fold else "rules_unfolded")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.calls):
-                redirection_scores(surrogate, x, target, fold=fold)
+                path_scores(surrogate, x, target, "rules" if fold else "rules_unfolded")
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         total = sum(e.self_cpu_time_total for e in events)
         events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)

@@ -224,7 +224,7 @@ def build_models(folder: Path) -> Path:
     import yaml
 
     from grad2.models import build_model, save_checkpoint
-    from grad2.serving import build_archive
+    from grad2.serve import build_archive
 
     torch.manual_seed(0)
     save_checkpoint(build_model("small_cnn"), folder / "victim.pt")
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None,
                         "each slice")
     args = parser.parse_args(argv)
 
-    from grad2.serving import Ports, start_server, stop_server
+    from grad2.serve import Ports, start_server, stop_server
 
     epsilon, names = 0.5, [str(i) for i in range(10)]
     with tempfile.TemporaryDirectory(prefix="grad2-soak-") as work:

@@ -1,6 +1,6 @@
-"""Interleaved A/B of the JVP variants: ``jvp`` by explicit tangent rules (the default),
-``jvp`` through ``forward_ad`` with and without batch-norm folding, and ``jvp_cheap``
-(docs/performance.md, "Tangent rules", "Cheaper tangents" and "Batch-norm folding").
+"""Interleaved A/B of the JVP engine's paths: explicit tangent rules (the default), and
+``forward_ad`` with and without batch-norm folding (docs/performance.md, "Tangent rules"
+and "Batch-norm folding").
 
 For one architecture and each batch size: the victim's forward alone, one plain forward
 of the surrogate, and for each variant victim + GRAD² (the victim's forward, the scores
@@ -24,16 +24,15 @@ from collections.abc import Callable
 import torch
 
 from grad2 import targets
-from grad2.bench import victim_forward
 from grad2.config import MEMORY_FORMATS
 from grad2.defenses import GRAD2
+from grad2.lab.bench import victim_forward
 from grad2.models import build_model, set_memory_format
-from grad2.scores import redirection_scores
+from grad2.scores import path_scores
 
-#: (label, score method, fold batch-norms, explicit tangent rules)
-VARIANTS = (("jvp", "jvp", True, True), ("jvp forward_ad", "jvp", True, False),
-            ("jvp forward_ad unfolded", "jvp", False, False),
-            ("jvp_cheap", "jvp_cheap", True, False))
+#: (label, path of grad2.scores.JVP_PATHS)
+VARIANTS = (("jvp", "rules"), ("jvp forward_ad", "forward_ad"),
+            ("jvp forward_ad unfolded", "forward_ad_unfolded"))
 
 
 def timed_rounds(items: dict[str, Callable[[], object]], rounds: int, calls: int
@@ -83,10 +82,9 @@ def main() -> None:
 
         items: dict[str, Callable[[], object]] = {
             "victim": lambda x=x: victim_forward(victim, x), "forward": forward}
-        for label, method, fold, rules in VARIANTS:
-            def scores(x: torch.Tensor = x, method: str = method, fold: bool = fold,
-                       rules: bool = rules) -> torch.Tensor:
-                return redirection_scores(surrogate, x, target, method, fold=fold, rules=rules)
+        for label, path in VARIANTS:
+            def scores(x: torch.Tensor = x, path: str = path) -> torch.Tensor:
+                return path_scores(surrogate, x, target, path)
 
             def defended(x: torch.Tensor = x, scores: Callable = scores) -> torch.Tensor:
                 probs = victim_forward(victim, x)

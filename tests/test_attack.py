@@ -1,4 +1,4 @@
-"""grad2.attack without a model server: PNG encoding, token files, and APIClient against a
+"""grad2.lab.attack without a model server: PNG encoding, token files, and APIClient against a
 tiny local HTTP stub (retries, timeouts, refusals, class order, honest counting)."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grad2 import attack
-from grad2.attack import APIClient, QueryError, encode_png, live_attack, read_token
-from grad2.data import FASHION_CLASSES, Dataset
+from grad2.lab import attack
+from grad2.lab.attack import APIClient, QueryError, encode_png, live_attack, read_token
+from grad2.lab.data import FASHION_CLASSES, Dataset
 
 #: Deliberately not alphabetical: the client must keep the server's order.
 CLASSES = ["zebra", "ant", "moth", "bee"]

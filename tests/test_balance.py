@@ -13,7 +13,8 @@ from scipy.optimize import linprog
 
 from grad2 import targets
 from grad2.balance import balance_offsets, balance_target, dual_value, marginal_gap
-from grad2.defenses import GRAD2, RandomScores
+from grad2.defenses import GRAD2
+from grad2.lab.controls import RandomScores
 from grad2.scores import redirection_scores
 
 torch.set_num_threads(1)
@@ -127,9 +128,9 @@ def test_balancing_needs_a_fixed_target():
 
 def test_target_command_writes_a_balanced_file(tmp_path, capsys):
     from grad2.cli import main
-    from grad2.data import thief_pool, to_tensor
+    from grad2.lab.data import thief_pool, to_tensor
+    from grad2.lab.train import predict_probs
     from grad2.models import build_model, save_checkpoint
-    from grad2.train import predict_probs
 
     torch.manual_seed(0)
     surrogate, victim = build_model("small_cnn"), build_model("small_cnn")

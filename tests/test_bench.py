@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from grad2 import bench, cli
+from grad2 import cli
+from grad2.lab import bench
 
 TINY = [
     "bench", "--batches", "1,2", "--classes", "10,20", "--class-batch", "2",
@@ -91,7 +92,7 @@ def test_mad_too_big_for_the_memory_limit_is_skipped_with_a_reason(tmp_path):
 
 
 def test_quick_defaults_and_argument_checks():
-    parser = cli.build_parser()
+    parser = cli.build_parser("bench")
     args = bench.resolve(parser.parse_args(["bench", "--quick"]))
     assert args.batches == [1, 32] and args.repeats == 5 and args.resnet_size == 32
     args = bench.resolve(parser.parse_args(["bench"]))

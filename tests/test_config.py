@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from grad2 import targets
-from grad2.config import METHODS, ConfigError, DefenseConfig, HandlerConfig, InputConfig
+from grad2.config import ConfigError, DefenseConfig, HandlerConfig, InputConfig
 from grad2.defenses import (
     DEFENSES,
     GRAD2,
@@ -165,8 +165,22 @@ def test_good_configs_build_the_right_class(surrogate, raw, cls):
     assert out.shape == probs.shape and (out >= 0).all()
 
 
-def test_registry_covers_every_configured_method():
-    assert set(DEFENSES) == set(METHODS)
+def test_config_accepts_exactly_the_registry_and_its_capabilities():
+    """The method names, and which need a surrogate, a budget, or can keep top-1, come from
+    the defense classes (one list): every registered method validates, others do not."""
+    for name, cls in DEFENSES.items():
+        raw = {"method": name, "surrogate": "s.pt" if cls.needs_surrogate else None}
+        config = DefenseConfig.from_dict(raw)
+        assert config.needs_surrogate == cls.needs_surrogate
+        assert config.budgeted == cls.budgeted
+        if cls.can_keep_top1:
+            DefenseConfig.from_dict({**raw, "preserve_top1": True})
+        else:
+            with pytest.raises(ConfigError, match=r"defense\.preserve_top1"):
+                DefenseConfig.from_dict({**raw, "preserve_top1": True})
+    for control in ("control_random_scores", "jvp_cheap", "RandomScores"):
+        with pytest.raises(ConfigError, match=r"defense\.method"):
+            DefenseConfig.from_dict({"method": control})
 
 
 def test_parameters_reach_the_defense(surrogate):

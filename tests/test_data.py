@@ -1,4 +1,4 @@
-"""grad2.data: IDX parsing, restricted unpickling, the real datasets when cached."""
+"""grad2.lab.data: IDX parsing, restricted unpickling, the real datasets when cached."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from grad2 import data
-from grad2.data import (
+from grad2.lab import data
+from grad2.lab.data import (
     FASHION_MEAN,
     FASHION_STD,
     DataError,
@@ -122,7 +122,7 @@ def test_cache_dir_follows_environment(tmp_path: Path, monkeypatch: pytest.Monke
     assert data.cache_dir() == tmp_path / "new" / "cache"
     assert data.cache_dir().is_dir()
     monkeypatch.delenv("GRAD2_CACHE")
-    repo_root = Path(data.__file__).resolve().parent.parent
+    repo_root = Path(data.__file__).resolve().parents[2]
     assert data.cache_dir() == repo_root / ".cache"  # tests run from a source checkout
 
 

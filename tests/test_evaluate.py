@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from grad2.evaluate import (
+from grad2.lab.evaluate import (
     Lab,
     RunResult,
     Stage,

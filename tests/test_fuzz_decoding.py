@@ -2,7 +2,7 @@
 and a replay of the atheris corpus (``fuzz/corpus``).
 
 The property (``fuzz/fuzz_decoding.py``'s :func:`check_row`): decoding either refuses the
-request with :class:`serving_io.RequestError` carrying a 4xx status, or gives
+request with :class:`codec.RequestError` carrying a 4xx status, or gives
 ``[N, 1, 28, 28]`` pixels in ``[0, 1]``, within a bounded time. Through the handler (a fake
 TorchServe context): every request of a batch gets a 4xx error body or a defended answer
 (on the simplex, within epsilon of the victim's clean answer, and not that answer), never
@@ -36,7 +36,7 @@ from test_hostile_images import (
     write_models,
 )
 
-from grad2 import serving_io
+from grad2.serve import codec
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "fuzz" / "corpus"
@@ -246,8 +246,8 @@ def test_handler_answers_every_request_with_4xx_or_a_defended_answer(
             assert set(response) == {"code", "type", "message"} and response["code"] == status
             assert response["message"] != "request could not be decoded"  # a decoder bug
             continue
-        _, value = serving_io.select_payload(row)
-        pixels = serving_io.decode_request(value, header.get("Content-Type"),
+        _, value = codec.select_payload(row)
+        pixels = codec.decode_request(value, header.get("Content-Type"),
                                            handler.served.input_config).pixels
         clean = clean_probabilities(handler, pixels).double()
         answers = defended_answers(response)

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grad2 import serving_io
 from grad2.config import ConfigError, InputConfig
 from grad2.models import build_model, save_checkpoint
+from grad2.serve import codec, loader
 
 HANDLER_FILE = Path(__file__).resolve().parents[1] / "handler" / "grad2_handler.py"
 SPEC = InputConfig.from_dict({"channels": 1, "height": 28, "width": 28, "mean": [0.5],
@@ -145,9 +145,9 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def clean_answer(handler: Any, image: bytes) -> torch.Tensor:
     """The undefended probabilities the victim gives ``image`` (test-side reference)."""
-    pixels = serving_io.decode_image(image, handler.served.input_config)[None]
-    x = serving_io.normalise(pixels, handler.served.input_config)
-    return serving_io.clean_probabilities(handler.model, x)[0]
+    pixels = codec.decode_image(image, handler.served.input_config)[None]
+    x = codec.normalise(pixels, handler.served.input_config)
+    return loader.clean_probabilities(handler.model, x)[0]
 
 
 def as_vector(answer: dict[str, float], names: list[str]) -> torch.Tensor:
@@ -263,7 +263,7 @@ def test_batch_of_mixed_requests_each_gets_its_own_answer(
     handler, context = make_handler(handler_class, model_dir, model_config())
     image = png_bytes(3)
     b64 = base64.b64encode(image).decode()
-    tensor = (serving_io.decode_image(image, SPEC)[0]).tolist()
+    tensor = (codec.decode_image(image, SPEC)[0]).tolist()
     data = [
         {"body": bytearray(image)},                                   # raw body
         {"body": bytearray(b"not an image at all")},                  # garbage → 400
@@ -437,7 +437,7 @@ def test_explain_and_describe_never_run_the_model(
     assert context.status(0) == 403 and context.status(2) == 403
     description = responses[1]
     assert description["input"] == {"channels": 1, "height": 28, "width": 28,
-                                    "formats": list(serving_io.IMAGE_FORMATS)}
+                                    "formats": list(codec.IMAGE_FORMATS)}
     assert set(description) == {"model", "version", "description", "input", "classes"}
     assert "epsilon" not in json.dumps(description) and "grad2" not in json.dumps(description)
     assert handler.explain_handle(None, None)["code"] == 403
@@ -449,14 +449,14 @@ def test_explain_and_describe_never_run_the_model(
 
 def test_decode_image_resizes_and_converts() -> None:
     rgb = png_bytes(0, size=(40, 50), mode="RGB")
-    pixels = serving_io.decode_image(rgb, SPEC)
+    pixels = codec.decode_image(rgb, SPEC)
     assert pixels.shape == (1, 28, 28) and pixels.dtype == torch.float32
     assert float(pixels.min()) >= 0 and float(pixels.max()) <= 1
     spec3 = InputConfig.from_dict({"channels": 3, "height": 8, "width": 6})
-    assert serving_io.decode_image(png_bytes(1), spec3).shape == (3, 8, 6)
+    assert codec.decode_image(png_bytes(1), spec3).shape == (3, 8, 6)
     buffer = io.BytesIO()
     Image.new("L", (28, 28), 128).save(buffer, format="JPEG")
-    assert serving_io.decode_image(buffer.getvalue(), SPEC).shape == (1, 28, 28)
+    assert codec.decode_image(buffer.getvalue(), SPEC).shape == (1, 28, 28)
 
 
 @pytest.mark.parametrize(
@@ -481,25 +481,25 @@ def test_decode_image_resizes_and_converts() -> None:
 )
 def test_bad_payloads_get_their_status(payload: bytes, content_type: str | None,
                                        status: int) -> None:
-    with pytest.raises(serving_io.RequestError) as raised:
-        serving_io.decode_request(bytearray(payload), content_type, SPEC)
+    with pytest.raises(codec.RequestError) as raised:
+        codec.decode_request(bytearray(payload), content_type, SPEC)
     assert raised.value.status == status
     assert raised.value.message
 
 
 def test_wrong_channel_count_tensor_is_refused() -> None:
     three = np.zeros((3, 28, 28)).tolist()
-    with pytest.raises(serving_io.RequestError, match=r"\[1, 28, 28\]"):
-        serving_io.decode_json({"tensor": three}, SPEC)
-    with pytest.raises(serving_io.RequestError, match="0, 1"):
-        serving_io.decode_json({"tensor": (np.ones((28, 28)) * 2).tolist()}, SPEC)
+    with pytest.raises(codec.RequestError, match=r"\[1, 28, 28\]"):
+        codec.decode_json({"tensor": three}, SPEC)
+    with pytest.raises(codec.RequestError, match="0, 1"):
+        codec.decode_json({"tensor": (np.ones((28, 28)) * 2).tolist()}, SPEC)
 
 
 def test_too_many_instances_are_refused() -> None:
     b64 = base64.b64encode(png_bytes()).decode()
-    body = {"instances": [b64] * (serving_io.MAX_IMAGES_PER_REQUEST + 1)}
-    with pytest.raises(serving_io.RequestError) as raised:
-        serving_io.decode_json(body, SPEC)
+    body = {"instances": [b64] * (codec.MAX_IMAGES_PER_REQUEST + 1)}
+    with pytest.raises(codec.RequestError) as raised:
+        codec.decode_json(body, SPEC)
     assert raised.value.status == 413
 
 
@@ -507,39 +507,39 @@ def test_kserve_v2_float_tensor_and_base64_variants() -> None:
     values = np.random.default_rng(0).random((2, 1, 28, 28))
     body = {"inputs": [{"name": "x", "shape": [2, 1, 28, 28], "datatype": "FP32",
                         "data": values.ravel().tolist()}]}
-    decoded = serving_io.decode_json(body, SPEC)
-    assert decoded.protocol == serving_io.KSERVE_V2 and decoded.pixels.shape == (2, 1, 28, 28)
+    decoded = codec.decode_json(body, SPEC)
+    assert decoded.protocol == codec.KSERVE_V2 and decoded.pixels.shape == (2, 1, 28, 28)
     assert torch.allclose(decoded.pixels, torch.from_numpy(values).float())
     image = png_bytes(9)
     plain = base64.b64encode(image).decode()
     urlsafe = base64.urlsafe_b64encode(image).decode().rstrip("=")
     for text in (plain, urlsafe, "data:image/png;base64," + plain):
-        decoded = serving_io.decode_request(text, "text/plain", SPEC)
-        assert torch.equal(decoded.pixels[0], serving_io.decode_image(image, SPEC))
+        decoded = codec.decode_request(text, "text/plain", SPEC)
+        assert torch.equal(decoded.pixels[0], codec.decode_image(image, SPEC))
 
 
 def test_select_payload_prefers_body_then_data() -> None:
-    assert serving_io.select_payload({"model_name": b"m", "body": b"x"}) == ("body", b"x")
-    assert serving_io.select_payload({"data": b"y"}) == ("data", b"y")
-    with pytest.raises(serving_io.RequestError):
-        serving_io.select_payload({})
-    with pytest.raises(serving_io.RequestError):
-        serving_io.select_payload({"a": 1, "b": 2})
+    assert codec.select_payload({"model_name": b"m", "body": b"x"}) == ("body", b"x")
+    assert codec.select_payload({"data": b"y"}) == ("data", b"y")
+    with pytest.raises(codec.RequestError):
+        codec.select_payload({})
+    with pytest.raises(codec.RequestError):
+        codec.select_payload({"a": 1, "b": 2})
 
 
 def test_answers_and_wrapping() -> None:
     probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]])
     names = ["a", "b", "c"]
-    full = serving_io.answer_probabilities(probs, names, "probabilities", 5)
+    full = codec.answer_probabilities(probs, names, "probabilities", 5)
     assert full[0] == {"a": pytest.approx(0.1), "b": pytest.approx(0.6), "c": pytest.approx(0.3)}
-    top = serving_io.answer_probabilities(probs, names, "topk", 2)
+    top = codec.answer_probabilities(probs, names, "topk", 2)
     assert list(top[0]) == ["b", "c"] and list(top[1]) == ["a", "b"]
-    assert serving_io.answer_labels(torch.tensor([2]), names) == [{"label": "c"}]
+    assert codec.answer_labels(torch.tensor([2]), names) == [{"label": "c"}]
     with pytest.raises(ValueError):
-        serving_io.check_defended(probs * 2, probs)
+        codec.check_defended(probs * 2, probs)
     with pytest.raises(ValueError):
-        serving_io.check_defended(probs[:1], probs)
-    serving_io.check_defended(probs, probs)
+        codec.check_defended(probs[:1], probs)
+    codec.check_defended(probs, probs)
 
 
 def test_fuzzed_bytes_never_escape_as_other_errors() -> None:
@@ -551,8 +551,8 @@ def test_fuzzed_bytes_never_escape_as_other_errors() -> None:
             sample[int(rng.integers(len(sample)))] = int(rng.integers(256))
         cut = int(rng.integers(1, len(sample) + 1))
         try:
-            decoded = serving_io.decode_request(sample[:cut], None, SPEC)
-        except serving_io.RequestError as error:
+            decoded = codec.decode_request(sample[:cut], None, SPEC)
+        except codec.RequestError as error:
             assert 400 <= error.status < 500
         else:
             assert decoded.pixels.shape[1:] == (1, 28, 28)

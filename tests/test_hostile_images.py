@@ -37,9 +37,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grad2 import serving_io
 from grad2.config import InputConfig
 from grad2.models import build_model, save_checkpoint
+from grad2.serve import codec, loader
 
 HANDLER_FILE = Path(__file__).resolve().parents[1] / "handler" / "grad2_handler.py"
 EPSILON = 0.5
@@ -116,8 +116,8 @@ def build_handler(model_dir: Path, epsilon: float = EPSILON) -> Any:
 
 def clean_probabilities(handler: Any, pixels: torch.Tensor) -> torch.Tensor:
     """The victim's undefended answer to ``pixels`` ``[N, C, H, W]`` (test-side)."""
-    x = serving_io.normalise(pixels, handler.served.input_config)
-    return serving_io.clean_probabilities(handler.model, x)
+    x = codec.normalise(pixels, handler.served.input_config)
+    return loader.clean_probabilities(handler.model, x)
 
 
 def answer_vector(answer: dict[str, float], handler: Any) -> torch.Tensor:
@@ -386,14 +386,14 @@ def test_hostile_image_gets_a_clear_answer_in_bounded_time_and_memory(
     if expected != 200:
         assert set(response) == {"code", "type", "message"} and response["code"] == status
         # refused by the decoder itself, not by the handler's guard for decoder bugs
-        with pytest.raises(serving_io.RequestError) as refused:
-            serving_io.decode_request(body, "application/octet-stream",
+        with pytest.raises(codec.RequestError) as refused:
+            codec.decode_request(body, "application/octet-stream",
                                       handler.served.input_config)
         assert refused.value.status == expected and response["message"] == refused.value.message
         return
     answer = answer_vector(response, handler)
     assert abs(float(answer.sum()) - 1) < 1e-5 and float(answer.min()) >= 0
-    pixels = serving_io.decode_image(body, handler.served.input_config)
+    pixels = codec.decode_image(body, handler.served.input_config)
     clean = clean_probabilities(handler, pixels[None])[0].double()
     l1 = float((answer - clean).abs().sum())
     assert 1e-6 < l1 <= EPSILON + 1e-5, (case, l1)
@@ -415,7 +415,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped(handler: Any, fmt: str) -> No
     same pixels, hence the same answer, as its 8-bit twin."""
     wide, eight = sixteen_bit(fmt)
     spec = handler.served.input_config
-    assert torch.equal(serving_io.decode_image(wide, spec), serving_io.decode_image(eight, spec))
+    assert torch.equal(codec.decode_image(wide, spec), codec.decode_image(eight, spec))
     assert send(handler, wide)[1] == send(handler, eight)[1]
 
 
@@ -425,5 +425,5 @@ def test_three_channel_model_takes_the_same_odd_modes() -> None:
                                              "max_side": MAX_SIDE})
     for body in (encode(noise("CMYK"), "JPEG"), encode(noise("RGB").convert("LAB"), "TIFF"),
                  sixteen_bit("PNG")[0], transparent_palette(), encode(noise("LA"), "PNG")):
-        pixels = serving_io.decode_image(body, spec)
+        pixels = codec.decode_image(body, spec)
         assert pixels.shape == (3, 8, 8) and 0 <= float(pixels.min()) <= float(pixels.max()) <= 1

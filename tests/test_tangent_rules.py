@@ -11,7 +11,7 @@ from torch import nn
 from grad2 import targets
 from grad2.folding import fold_batch_norm, folded_inputs
 from grad2.models import build_model, set_memory_format
-from grad2.scores import _program, redirection_scores, tangent_like
+from grad2.scores import _program, path_scores, redirection_scores, tangent_like
 from grad2.tangent_rules import _gather_planes, compile_rules, log_softmax_tangent
 
 
@@ -74,8 +74,8 @@ def test_rules_equal_forward_mode_autograd(name: str, fold: bool) -> None:
     assert compile_rules(model) is not None
     target = targets.random(model, 3)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    rules = redirection_scores(model, x, target, "jvp", fold=fold)
-    autograd = redirection_scores(model, x, target, "jvp", fold=fold, rules=False)
+    rules = path_scores(model, x, target, "rules" if fold else "rules_unfolded")
+    autograd = path_scores(model, x, target, "forward_ad" if fold else "forward_ad_unfolded")
     assert autograd.abs().max() > 1e-3
     assert relative_error(rules, autograd) <= 1e-12
 

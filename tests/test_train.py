@@ -1,4 +1,4 @@
-"""grad2.train: augmentation, distillation, evaluation helpers and the CLI."""
+"""grad2.lab.train: augmentation, distillation, evaluation helpers and the CLI."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from grad2 import data, train
-from grad2.data import Dataset
-from grad2.models import build_model, save_checkpoint
-from grad2.train import (
+from grad2.lab import data, train
+from grad2.lab.data import Dataset
+from grad2.lab.train import (
     accuracy,
     agreement,
     augment_batch,
@@ -23,6 +22,7 @@ from grad2.train import (
     train_clone,
     train_surrogate,
 )
+from grad2.models import build_model, save_checkpoint
 
 
 def template_problem(

@@ -10,9 +10,9 @@ import torch
 from nets import tiny_net
 
 from grad2 import targets
-from grad2.data import to_tensor
 from grad2.defenses import GRAD2
-from grad2.watermark import (
+from grad2.lab.data import to_tensor
+from grad2.lab.watermark import (
     FocusedGRAD2,
     NeighbourPush,
     Secret,

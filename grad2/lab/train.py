@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from grad2.data import (
+from grad2.config import InputConfig
+from grad2.lab.data import (
     FASHION_MEAN,
     FASHION_STD,
     THIEF_POOLS,
@@ -174,6 +175,7 @@ def distill(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    fill: float = BLACK,
 ) -> nn.Module:
     """Train ``model`` in place on ``inputs [N, C, H, W]`` (normalised floats) against
     ``targets [N, K]`` (probability vectors) and return it in eval mode.
@@ -184,7 +186,8 @@ def distill(
     cross-entropy on ``targets.argmax(1)`` with ``hard_labels``. ``seed`` fixes the batch
     order and the augmentation (model initialisation is the caller's). Full batches only
     (the last partial batch of each epoch is dropped) unless ``N < batch_size``.
-    ``on_epoch_end(epoch, mean_loss)`` is called after each epoch.
+    ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. ``fill`` is the
+    normalised value random-crop padding fills in (default: a black Fashion-MNIST pixel).
     """
     if inputs.ndim != 4 or targets.ndim != 2 or len(inputs) != len(targets):
         raise ValueError(f"expected inputs [N, C, H, W] and targets [N, K], got "
@@ -212,7 +215,7 @@ def distill(
             chosen = order[index * effective_batch:(index + 1) * effective_batch]
             batch = inputs[chosen]
             if augment:
-                batch = augment_batch(batch, generator)
+                batch = augment_batch(batch, generator, fill=fill)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(lr, step, total_steps)
             logits = model(batch.to(device))
@@ -287,13 +290,39 @@ def train_clone(
     progress: bool = True,
     device: str = "cpu",
     lr: float = 0.1,
+    fill: float = BLACK,
 ) -> nn.Module:
     """A thief's clone: a fresh ``arch`` network (seeded) distilled on ``answers [N, K]`` to
-    ``pool_inputs [N, C, H, W]``, with augmentation. Returned in eval mode."""
+    ``pool_inputs [N, C, H, W]``, with augmentation (padding filled with ``fill``).
+    Returned in eval mode."""
     set_seed(seed)
     model = build_model(arch, num_classes=answers.shape[1], in_channels=pool_inputs.shape[1])
+    check_input_size(model, tuple(pool_inputs.shape[1:]), arch)
     return distill(model, pool_inputs, answers, epochs, planned_epochs=planned_epochs, lr=lr,
-                   seed=seed, hard_labels=hard_labels, progress=progress, device=device)
+                   seed=seed, hard_labels=hard_labels, progress=progress, device=device,
+                   fill=fill)
+
+
+def check_input_size(model: nn.Module, shape: tuple[int, ...], arch: str) -> None:
+    """Refuse, with a clear message, an architecture that cannot take ``[C, H, W]`` inputs
+    (``small_cnn`` and ``wide_cnn`` take 28x28 only)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *shape))
+    except RuntimeError as error:
+        raise ValueError(f"architecture {arch} cannot take {'x'.join(map(str, shape))} "
+                         f"inputs ({str(error).splitlines()[0]}); choose another --arch "
+                         f"(small_cnn and wide_cnn need 28x28, torchvision:NAME and "
+                         f"resnet18_gray take other sizes) or --size") from None
+    finally:
+        model.train(was_training)
+
+
+def padding_fill(spec: InputConfig) -> float:
+    """The normalised value of a black pixel, averaged over channels: what random-crop
+    padding fills in for a model with ``spec``'s normalisation."""
+    return float(sum(-m / s for m, s in zip(spec.mean, spec.std, strict=True)) / len(spec.mean))
 
 
 def train_surrogate(
@@ -315,6 +344,133 @@ def train_surrogate(
     answers = predict_probs(victim, inputs, device=device)
     return train_clone(inputs, answers, arch=arch, epochs=epochs, seed=seed,
                        planned_epochs=planned_epochs, progress=progress, device=device)
+
+
+# ------------------------------------------------------------ on a user's image folders
+
+
+def folder_channels(folder: Path, sample: int = 64) -> int:
+    """1 when every sampled image of ``folder`` is grey (one band, or equal R, G, B),
+    else 3: the channel count a victim of this folder takes."""
+    from PIL import Image
+
+    from grad2.lab.images import image_files
+
+    files = image_files(Path(folder))
+    for path in files[:: max(1, len(files) // sample)]:
+        try:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+        except (OSError, ValueError):
+            continue
+        if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+            return 3
+    return 1
+
+
+def train_victim_on_images(
+    folder: Path, arch: str, size: int | None = None, channels: int | None = None,
+    epochs: int = VICTIM_EPOCHS, seed: int = 0, lr: float = 0.1, holdout: float = 0.1,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any], InputConfig, list[str]]:
+    """A victim trained on a labelled folder (one sub-folder per class, sorted names are
+    the classes): ``(model, metrics, input spec, class names)``. Images are decoded at
+    ``size`` x ``size`` (default: the first image's height) with ``channels`` (default:
+    1 for an all-grey folder, else 3), as the worker will decode requests; the spec's
+    mean/std are the training pixels'. ``holdout`` of the images (seeded) measure accuracy.
+    """
+    from PIL import Image
+
+    from grad2.lab.images import folder_classes, image_files, open_images
+    from grad2.serve.codec import normalise
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    class_names = folder_classes(Path(folder))
+    if size is None:
+        files = image_files(Path(folder))
+        if not files:
+            raise ValueError(f"{folder} holds no image files")
+        with Image.open(files[0]) as first:
+            size = first.size[1]
+    channels = channels or folder_channels(Path(folder))
+    raw_spec = InputConfig.from_dict({"channels": channels, "height": size, "width": size})
+    images = open_images(Path(folder), raw_spec, class_names, labelled=True)
+    print(images.describe())
+    pixels, labels = images.load(progress=progress)
+    if images.skipped:
+        print(f"skipped {len(images.skipped)} unreadable file(s), first: {images.skipped[0][0]}")
+    unit = pixels.float() / 255.0
+    mean = unit.mean(dim=(0, 2, 3)).tolist()
+    std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    spec = InputConfig.from_dict({"channels": channels, "height": size, "width": size,
+                                  "mean": [round(m, 4) for m in mean],
+                                  "std": [round(s, 4) for s in std]})
+    inputs = normalise(unit, spec)
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+    held = order[: int(len(inputs) * holdout)] if len(inputs) >= 10 else order[:0]
+    kept = order[len(held):]
+    set_seed(seed)
+    model = build_model(arch, num_classes=len(class_names), in_channels=channels)
+    check_input_size(model, tuple(inputs.shape[1:]), arch)
+    one_hot = F.one_hot(labels[kept], len(class_names)).float()
+    distill(model, inputs[kept], one_hot, epochs, lr=lr, seed=seed, hard_labels=True,
+            progress=progress, fill=padding_fill(spec))
+    held_accuracy = None
+    if len(held):
+        predicted = predict_probs(model, inputs[held]).argmax(1)
+        held_accuracy = round(float((predicted == labels[held]).float().mean()), 4)
+    metrics = {
+        "role": "victim", "images": str(folder), "train_size": len(kept),
+        "holdout_size": len(held), "holdout_accuracy": held_accuracy, "epochs": epochs,
+        "lr": lr, "seed": seed, "class_names": class_names,
+        "input": {"channels": channels, "height": size, "width": size,
+                  "mean": list(spec.mean), "std": list(spec.std)},
+        "skipped_files": len(images.skipped),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "cpu_time_s": round(time.process_time() - cpu_started, 1),
+    }
+    return model, metrics, spec, class_names
+
+
+def distill_from_archive(
+    archive: Path, folder: Path, arch: str | None = None, epochs: int = SURROGATE_EPOCHS,
+    planned_epochs: int = SURROGATE_PLANNED_EPOCHS, seed: int = 0, limit: int | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The defender's early-stopped surrogate, distilled in process from the clean answers
+    of ``archive``'s victim on the images of ``folder`` (any folder of images, decoded at
+    the archive's input size). ``arch`` defaults to the victim's."""
+    from grad2.lab.images import open_images
+    from grad2.serve.archive import open_archive
+    from grad2.serve.codec import normalise
+
+    started = time.perf_counter()
+    with open_archive(Path(archive)) as opened:
+        served = opened.load()
+        spec, victim = served.input_config, served.victim
+        images = open_images(Path(folder), spec)
+        if limit is not None and limit < len(images):
+            images.files = images.files[:limit] if images.files is not None else None
+            if images.pixels is not None:
+                images.pixels = images.pixels[:limit]
+        print(images.describe())
+        pixels, _ = images.load(progress=progress)
+        inputs = normalise(pixels.float() / 255.0, spec)
+        answers = predict_probs(victim, inputs)
+        arch = arch or model_spec(victim)["arch"]
+        surrogate = train_clone(inputs, answers, arch=arch, epochs=epochs, seed=seed,
+                                planned_epochs=planned_epochs, progress=progress,
+                                fill=padding_fill(spec))
+        agreement_rate = float((predict_probs(surrogate, inputs).argmax(1)
+                                == answers.argmax(1)).float().mean())
+    metrics = {
+        "role": "surrogate", "archive": str(archive), "images": str(folder),
+        "pool_size": len(inputs), "epochs": epochs, "planned_epochs": planned_epochs,
+        "seed": seed, "agreement_with_victim_on_images": round(agreement_rate, 4),
+        "skipped_files": len(images.skipped),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    return surrogate, metrics
 
 
 # --------------------------------------------------------------------------- CLI
@@ -352,6 +508,8 @@ def _common_metrics(victim: nn.Module, model: nn.Module, data_dir: Path | None) 
 
 def _train_victim_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    if args.images is not None:
+        return _train_victim_on_images_command(args)
     model, metrics = train_victim(arch=args.arch, epochs=args.epochs, seed=args.seed,
                                   lr=args.lr, data_dir=args.data_dir, progress=not args.quiet)
     save_checkpoint(model, args.out, metrics)
@@ -360,8 +518,50 @@ def _train_victim_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_victim_on_images_command(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    model, metrics, spec, class_names = train_victim_on_images(
+        args.images, args.arch, args.size, args.channels,
+        args.epochs, args.seed, args.lr, progress=not args.quiet)
+    out = Path(args.out)
+    save_checkpoint(model, out, metrics)
+    names = out.with_name(f"{out.stem}.index_to_name.json")
+    names.write_text(json.dumps({str(i): name for i, name in enumerate(class_names)}, indent=1))
+    config = out.with_name(f"{out.stem}.model-config.yaml")
+    config.write_text(yaml.safe_dump({
+        "minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDelay": 5,
+        "responseTimeout": 60,
+        "input": {**metrics["input"], "threads": 1},
+        "defense": {"method": "none", "surrogate": None},
+    }, sort_keys=False))
+    accuracy_text = ("no hold-out" if metrics["holdout_accuracy"] is None
+                     else f"hold-out accuracy {metrics['holdout_accuracy']:.4f}")
+    print(f"victim {args.arch} on {len(class_names)} classes "
+          f"({spec.channels}x{spec.height}x{spec.width}): {accuracy_text} in "
+          f"{metrics['wall_time_s']} s -> {out}\n"
+          f"class names -> {names}\nmodel-config.yaml to archive it with -> {config}")
+    return 0
+
+
 def _train_surrogate_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    if args.archive is not None:
+        if args.images is None:
+            raise ValueError("--archive needs --images (a folder of images to distil on)")
+        surrogate, metrics = distill_from_archive(
+            args.archive, args.images, args.arch, args.epochs, args.planned_epochs,
+            args.seed, args.pool_size, progress=not args.quiet)
+        save_checkpoint(surrogate, args.out, metrics)
+        print(f"surrogate {model_spec(surrogate)['arch']} distilled from {args.archive} on "
+              f"{metrics['pool_size']} images: top-1 agreement with the victim "
+              f"{metrics['agreement_with_victim_on_images']:.4f} in {metrics['wall_time_s']} s "
+              f"-> {args.out}")
+        return 0
+    if args.victim is None or args.pool is None:
+        raise ValueError("give --archive A.mar --images DIR, or --victim V.pt --pool NAME")
     started, cpu_started = time.perf_counter(), time.process_time()
     victim, _ = load_checkpoint(args.victim)
     pool = thief_pool(args.pool, args.pool_size, seed=args.pool_seed, data_dir=args.data_dir)
@@ -429,9 +629,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_pool(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--victim", type=Path, required=True, help="victim checkpoint (.pt)")
-    parser.add_argument("--pool", choices=THIEF_POOLS, required=True, help="thief query pool")
+def _add_pool(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--victim", type=Path, required=required,
+                        help="victim checkpoint (.pt)")
+    parser.add_argument("--pool", choices=THIEF_POOLS, required=required,
+                        help="the lab's thief query pool")
     parser.add_argument("--pool-size", type=int, default=None,
                         help="random subset of the pool (default: all 10,000)")
     parser.add_argument("--pool-seed", type=int, default=0,
@@ -441,18 +643,35 @@ def _add_pool(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train-victim``, ``train-surrogate`` and ``train-clone`` to ``grad2``."""
-    victim = subparsers.add_parser("train-victim", help="train the Fashion-MNIST victim")
+    victim = subparsers.add_parser(
+        "train-victim", help="train a victim: on a labelled image folder, or Fashion-MNIST")
     _add_common(victim)
-    victim.add_argument("--arch", default=VICTIM_ARCH, help=f"architecture (default {VICTIM_ARCH})")
+    victim.add_argument("--images", type=Path, default=None,
+                        help="labelled folder: one sub-folder of images per class (default: "
+                        "the lab's Fashion-MNIST)")
+    victim.add_argument("--size", type=int, default=None,
+                        help="with --images: side the images are decoded at (default: the "
+                        "first image's height)")
+    victim.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="with --images: 1 or 3 (default: 1 if every image is grey)")
+    victim.add_argument("--arch", default=VICTIM_ARCH,
+                        help=f"small_cnn, wide_cnn, resnet18_gray or torchvision:NAME "
+                        f"(default {VICTIM_ARCH})")
     victim.add_argument("--epochs", type=int, default=VICTIM_EPOCHS,
                         help=f"epochs (default {VICTIM_EPOCHS})")
     victim.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
     victim.set_defaults(func=_train_victim_command)
 
     surrogate = subparsers.add_parser(
-        "train-surrogate", help="distil an early-stopped surrogate from a victim on a thief pool")
+        "train-surrogate", help="distil an early-stopped surrogate from an archive's victim "
+        "on a folder of images (or a victim checkpoint on a lab pool)")
     _add_common(surrogate)
-    _add_pool(surrogate)
+    surrogate.add_argument("--archive", type=Path, default=None,
+                           help="the served model version (.mar) whose victim is distilled")
+    surrogate.add_argument("--images", type=Path, default=None,
+                           help="with --archive: a folder of images (searched recursively) "
+                           "or an .npz; decoded as the worker decodes requests")
+    _add_pool(surrogate, required=False)
     surrogate.add_argument("--epochs", type=int, default=SURROGATE_EPOCHS,
                            help=f"epochs actually run (default {SURROGATE_EPOCHS})")
     surrogate.add_argument("--planned-epochs", type=int, default=SURROGATE_PLANNED_EPOCHS,

@@ -1,4 +1,4 @@
-"""The trade-off sweep: thieves trained on every defense's answers (``grad2.md`` §7).
+"""The trade-off sweep: thieves trained on every defense's answers (docs/results.md).
 
 For each thief pool, defense and knob, the pool's defended answers are computed once and
 cached; the defender's utility is measured on the Fashion-MNIST test split (accuracy of
@@ -41,9 +41,10 @@ from tqdm import tqdm
 from grad2 import defenses as D
 from grad2 import targets
 from grad2.balance import balance_target
-from grad2.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
-from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
-from grad2.train import (
+from grad2.config import EPSILON_GRID
+from grad2.lab import controls
+from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
+from grad2.lab.train import (
     CLONE_EPOCHS,
     augment_batch,
     predict_probs,
@@ -53,6 +54,7 @@ from grad2.train import (
     train_surrogate,
     train_victim,
 )
+from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
 
 THIEVES = ("soft", "labels", "arch", "smooth", "prior")
 TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")
@@ -68,7 +70,6 @@ POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
 SMOOTH_COPIES = 4
 DROPS = (0.5, 1.0, 2.0, 5.0)
-EPSILONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFENSE_BATCH = 500
 #: The evaluation's own recipe, pinned so cached models and published results stay
 #: reproducible when the training defaults move: the victim trains 15 epochs (90.5% test),
@@ -359,22 +360,23 @@ class Lab:
                 surrogate, knob, self.misdirect_target(pool), preserve_top1=True),
             "grad2_misdirect_ensemble": lambda: D.GRAD2(
                 self.ensemble(pool), knob, self.misdirect_target(pool, ensemble=True)),
-            "control_random_scores": lambda: D.RandomScores(knob, seed=0),
-            "control_shuffled": lambda: D.ShuffledScores(D.GRAD2(surrogate, knob), seed=0),
-            "control_fixed_class": lambda: D.FixedClassPush(knob, self.favourite_class(pool)),
+            "control_random_scores": lambda: controls.RandomScores(knob, seed=0),
+            "control_shuffled": lambda: controls.ShuffledScores(D.GRAD2(surrogate, knob), seed=0),
+            "control_fixed_class": lambda: controls.FixedClassPush(
+                knob, self.favourite_class(pool)),
             # Controls of the label-keeping misdirection: same budget and constraint.
-            "control_fixed_class_top1": lambda: D.FixedClassPush(
+            "control_fixed_class_top1": lambda: controls.FixedClassPush(
                 knob, self.favourite_class(pool, "grad2_misdirect"), preserve_top1=True),
-            "control_random_scores_top1": lambda: D.RandomScores(
+            "control_random_scores_top1": lambda: controls.RandomScores(
                 knob, seed=0, preserve_top1=True),
-            "control_shuffled_misdirect_top1": lambda: D.ShuffledScores(D.GRAD2(
+            "control_shuffled_misdirect_top1": lambda: controls.ShuffledScores(D.GRAD2(
                 surrogate, knob, self.misdirect_target(pool), preserve_top1=True), seed=0),
             "grad2_misdirect_balanced": lambda: D.GRAD2(
                 surrogate, knob, self.balanced_target(pool, knob, preserve_top1=False)),
             "grad2_misdirect_balanced_top1": lambda: D.GRAD2(
                 surrogate, knob, self.balanced_target(pool, knob, preserve_top1=True),
                 preserve_top1=True),
-            "control_shuffled_balanced_top1": lambda: D.ShuffledScores(D.GRAD2(
+            "control_shuffled_balanced_top1": lambda: controls.ShuffledScores(D.GRAD2(
                 surrogate, knob, self.balanced_target(pool, knob, preserve_top1=True),
                 preserve_top1=True), seed=0),
         }
@@ -953,13 +955,17 @@ def plot(results: list[RunResult], out: Path, victim_accuracy: float) -> None:
 # -------------------------------------------------------------------- CLI
 def _evaluate_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    if args.archive is not None:
+        return _evaluate_archive_command(args)
+    if args.pool is not None or args.test is not None:
+        raise ValueError("--pool and --test go with --archive A.mar")
     if args.quick:
         sweep = quick_sweep()
     else:
         sweep = (label_keeping_sweep() if args.label_keeping
                  else balance_sweep() if args.balance else headline_sweep())
     if args.full_grid:
-        sweep.grid = full_grid(EPSILONS)
+        sweep.grid = full_grid(EPSILON_GRID)
     if args.pools:
         sweep.pools = tuple(args.pools)
     if args.defenses:
@@ -988,12 +994,38 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_archive_command(args: argparse.Namespace) -> int:
+    from grad2.lab.archive_eval import evaluate_archive, format_table
+
+    if args.pool is None or args.test is None:
+        raise ValueError("--archive needs --pool DIR (thief queries) and --test DIR (labelled)")
+    rows = evaluate_archive(
+        Path(args.archive), Path(args.pool), Path(args.test), Path(args.out),
+        epsilons=args.epsilons, quick=args.quick, seeds=args.seeds, budget=args.pool_size,
+        epochs=args.clone_epochs, clone_arch=args.clone_arch,
+        progress=not args.no_progress)
+    print(format_table(rows))
+    print(f"report: {Path(args.out) / 'evaluate.json'}, evaluate.md, evaluate.png")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="sweep thieves against every defense; write the trade-off table",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--out", default="runs/evaluate", help="report folder")
+    parser.add_argument("--archive", type=Path,
+                        help="evaluate this served model version on your images (with --pool "
+                        "and --test) instead of the lab's sweep")
+    parser.add_argument("--pool", type=Path, help="with --archive: a thief's query images")
+    parser.add_argument("--test", type=Path,
+                        help="with --archive: labelled folder (class sub-folders) to score on")
+    parser.add_argument("--epsilons", type=float, nargs="+",
+                        help="with --archive: budgets to sweep (default 0 0.25 0.5 1)")
+    parser.add_argument("--seeds", type=int, default=1, help="with --archive: clone seeds")
+    parser.add_argument("--clone-arch", help="with --archive: clone architecture (default: "
+                        "the victim's)")
     parser.add_argument("--cache", help="folder for models and answers (default: cache/eval)")
     parser.add_argument("--quick", action="store_true", help="a minutes-long miniature sweep")
     parser.add_argument("--full-grid", action="store_true", help="epsilon 0, 0.1, ..., 1.0")

@@ -56,11 +56,9 @@ from grad2.defenses import (
     RandomNoise,
     ReverseSigmoid,
 )
-from grad2.folding import folded_inputs
 from grad2.models import build_model, set_memory_format
 from grad2.redirect import redirect
-from grad2.scores import _folded, _jvp_scores, _program, redirection_scores, tangent_like
-from grad2.tangent_rules import log_softmax_tangent
+from grad2.scores import jvp_kernel, path_scores, redirection_scores
 
 #: The victim's input: one-channel 28x28 images (Fashion-MNIST-like, normalised).
 INPUT_SHAPE = (1, 28, 28)
@@ -201,10 +199,10 @@ class Timer:
 #: The JVP scores computed other ways, timed beside the library's default: forward-mode
 #: autograd instead of the explicit tangent rules (what the rules save), and without
 #: batch-norm folding too (the library's JVP before both).
-JVP_VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
-    "jvp_scores_autograd": ("forward-mode autograd", {"rules": False}),
-    "jvp_scores_autograd_unfolded": ("autograd, batch-norms not folded",
-                                     {"rules": False, "fold": False}),
+#: Item name -> (label, path of :data:`grad2.scores.JVP_PATHS`).
+JVP_VARIANTS: dict[str, tuple[str, str]] = {
+    "jvp_scores_autograd": ("forward-mode autograd", "forward_ad"),
+    "jvp_scores_autograd_unfolded": ("autograd, batch-norms not folded", "forward_ad_unfolded"),
 }
 
 
@@ -240,30 +238,6 @@ def reference_style_grad2(surrogate: nn.Module, target: dict[str, Tensor], x: Te
             remaining -= take
         y[receiver] += mass
     return defended
-
-
-def jvp_function(model: nn.Module, target: dict[str, Tensor],
-                 rules: bool = True) -> Callable[[Tensor], Tensor]:
-    """``x -> scores``: the library's JVP kernel on ``x`` exactly as given, without
-    :func:`redirection_scores`' wrapper (which computes a lone query as a batch of two, for
-    bit-identical answers). For measuring that choice, and for ``torch.compile``
-    (``rules=False``: forward-mode autograd, the kernel its figures were measured with)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-    tangents = tangent_like(params, target)
-    network, folded = model, _folded(model)  # batch-norms folded, as the library does
-    if folded is not None:
-        network = folded.module
-        params, tangents, buffers = folded_inputs(folded, params, tangents, buffers)
-
-    program = _program(network) if rules else None
-
-    def scores(x: Tensor) -> Tensor:
-        if program is not None:
-            return log_softmax_tangent(*program(params, tangents, buffers, x))
-        return _jvp_scores(network, params, buffers, tangents, x)
-
-    return scores
 
 
 def mad_loop_query(surrogate: nn.Module, x: Tensor, probs: Tensor, epsilon: float) -> Tensor:
@@ -374,12 +348,12 @@ def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dic
             items.append(Item("jvp_scores",
                               lambda x=x, s=surrogate, t=target: redirection_scores(s, x, t),
                               {"batch": batch, "surrogate": size}))
-            for variant, (_, options) in JVP_VARIANTS.items():
-                items.append(Item(variant, lambda x=x, s=surrogate, t=target, o=options:
-                                  redirection_scores(s, x, t, **o),
+            for variant, (_, path) in JVP_VARIANTS.items():
+                items.append(Item(variant, lambda x=x, s=surrogate, t=target, p=path:
+                                  path_scores(s, x, t, p),
                                   {"batch": batch, "surrogate": size}))
             if batch == 1:  # what computing a lone query as a batch of two costs
-                kernel = jvp_function(surrogate, target)
+                kernel = jvp_kernel(surrogate.eval(), target)
                 items.append(Item("jvp_scores_batch_of_one", lambda x=x, f=kernel: f(x),
                                   {"batch": batch, "surrogate": size}))
         summaries = timer.run(items, f"batch {batch}")
@@ -561,7 +535,8 @@ def compile_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> list[
     batch size, steady-state time, and the difference from eager."""
     models = build_models(setup, 10)
     surrogate = models["surrogates"]["same"]
-    scores = jvp_function(surrogate, targets.all_ones(surrogate), rules=False)
+    # forward-mode autograd: the kernel the compile figures were measured with
+    scores = jvp_kernel(surrogate.eval(), targets.all_ones(surrogate), "forward_ad")
     out = []
     torch._dynamo.reset()
     # One function for every batch size, as a server would hold; a new shape may still

@@ -32,8 +32,8 @@ from PIL import Image
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
-from grad2.data import load_fashion_mnist, thief_pool, to_tensor
-from grad2.train import CLONE_EPOCHS, set_threads, train_clone
+from grad2.lab.data import load_fashion_mnist, thief_pool, to_tensor
+from grad2.lab.train import CLONE_EPOCHS, set_threads, train_clone
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -172,8 +172,15 @@ class APIClient:
         given and its answer lists other classes, :class:`QueryError` is raised before the
         others are sent. Also raised if no image is answered or the answers disagree on
         the classes or their order (``output: topk`` serving)."""
+        return self.query_bodies([encode_png(image) for image in images], progress,
+                                 expected_classes)
+
+    def query_bodies(
+        self, bodies: Sequence[bytes], progress: bool = True,
+        expected_classes: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray, list[str], QueryStats]:
+        """:meth:`query` with the request bodies given as they are (image files' bytes)."""
         started = time.perf_counter()
-        bodies = [encode_png(image) for image in images]
         outcomes: list[_Outcome] = []
 
         def stats() -> QueryStats:
@@ -256,13 +263,150 @@ def live_attack(
     }
 
 
+def describe_input(url: str, token: str | None, timeout: float = 10.0) -> dict[str, int]:
+    """The served model's input size, from the handler's ``describe`` answer (``{channels,
+    height, width}``); what any client of the API can read."""
+    headers = {"describe": "True", "Content-Type": "application/octet-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    response = requests.post(url, data=b"", headers=headers, timeout=timeout)
+    response.raise_for_status()
+    described = response.json().get("input", {})
+    return {key: int(described[key]) for key in ("channels", "height", "width")}
+
+
+def default_clone_arch(channels: int, height: int, width: int) -> str:
+    """A clone architecture that takes ``[channels, height, width]`` inputs."""
+    if channels == 1:
+        return "small_cnn" if (height, width) == (28, 28) else "resnet18_gray"
+    return "torchvision:resnet18"
+
+
+def folder_attack(
+    url: str, token: str | None, pool: Path, test: Path, out: Path, budget: int = 2000,
+    epochs: int = CLONE_EPOCHS, seed: int = 0, concurrency: int = 8, timeout: float = 10.0,
+    arch: str | None = None, hard_labels: bool = False, progress: bool = True,
+) -> dict:
+    """A black-box thief with its own images: sends up to ``budget`` files of ``pool`` (any
+    folder of images, as they are) to the API, trains a clone on the answers, and scores
+    it on ``test`` (a labelled folder, class sub-folders named as the API's classes).
+    Writes ``attack.json``, ``attack.png`` (per-class clone accuracy) and ``clone.pt``
+    into ``out``; returns the report."""
+    from grad2.config import InputConfig
+    from grad2.lab.images import image_files, open_images
+    from grad2.lab.train import padding_fill
+    from grad2.models import save_checkpoint
+    from grad2.serve.codec import normalise
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    files = image_files(Path(pool))
+    if not files:
+        raise ValueError(f"{pool} holds no image files")
+    order = np.random.default_rng(seed).permutation(len(files))[:budget]
+    chosen = [files[i] for i in sorted(order)]
+    shape = describe_input(url, token, timeout)
+    client = APIClient(url, token, timeout=timeout, concurrency=concurrency)
+    answers, answered, class_names, stats = client.query_bodies(
+        [path.read_bytes() for path in chosen], progress=progress)
+    # The thief decodes its own files at the served size with public code, and picks its
+    # own normalisation: its pool's per-channel mean and spread.
+    raw = InputConfig.from_dict({**shape, "max_side": 65535})
+    pool_set = open_images(Path(pool), raw)
+    pool_set.files = [chosen[i] for i in answered]
+    pixels, _ = pool_set.load(progress=progress)
+    kept = [i for i, path in enumerate(pool_set.files)
+            if str(path) not in {s for s, _ in pool_set.skipped}]
+    answers = answers[kept] if len(kept) != len(answers) else answers
+    unit = pixels.float() / 255.0
+    spec = InputConfig.from_dict({
+        **shape, "max_side": 65535, "mean": unit.mean(dim=(0, 2, 3)).tolist(),
+        "std": unit.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()})
+    arch = arch or default_clone_arch(spec.channels, spec.height, spec.width)
+    clone = train_clone(normalise(unit, spec), answers, arch=arch, epochs=epochs, seed=seed,
+                        hard_labels=hard_labels, progress=progress, fill=padding_fill(spec))
+    test_set = open_images(Path(test), spec, class_names, labelled=True)
+    correct = np.zeros(len(class_names))
+    total = np.zeros(len(class_names))
+    with torch.inference_mode():
+        for x, labels, _ in test_set.batches(256, progress=progress, desc="test"):
+            hits = (clone(x).argmax(1) == labels).numpy()
+            np.add.at(correct, labels.numpy(), hits)
+            np.add.at(total, labels.numpy(), 1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(clone, out / "clone.pt", {"role": "clone", "url": url, "pool": str(pool),
+                                              "input": {**shape, "mean": list(spec.mean),
+                                                        "std": list(spec.std)}})
+    report = {
+        "url": url, "pool": str(pool), "test": str(test), "budget": len(chosen),
+        "epochs": epochs, "seed": seed, "arch": arch, "hard_labels": hard_labels,
+        "classes": class_names, "trained_on": len(answers),
+        "clone_accuracy": float(correct.sum() / max(total.sum(), 1)),
+        "per_class_accuracy": {name: (float(c / n) if n else None)
+                               for name, c, n in zip(class_names, correct, total, strict=True)},
+        "test_images": int(total.sum()), "skipped_files": len(pool_set.skipped),
+        "mean_answer_entropy": float(
+            -(answers * answers.clamp_min(1e-12).log()).sum(dim=1).mean()),
+        **asdict(stats),
+    }
+    (out / "attack.json").write_text(json.dumps(report, indent=1))
+    _plot_per_class(report, out / "attack.png")
+    return report
+
+
+def _plot_per_class(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["per_class_accuracy"])
+    values = [100 * (report["per_class_accuracy"][n] or 0) for n in names]
+    figure, axis = plt.subplots(figsize=(max(4, 0.5 * len(names) + 2), 3.5))
+    axis.bar(range(len(names)), values, color="C3")
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    axis.set_ylabel("clone accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title(f"clone {report['arch']}: {100 * report['clone_accuracy']:.1f}% overall "
+                   f"({report['trained_on']} answers)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def print_attack(report: dict) -> str:
+    """The attack's outcome as a table, for people."""
+    lines = [f"clone {report['arch']} trained on {report['trained_on']} answers "
+             f"({report['answered']}/{report['sent']} queries answered): "
+             f"test accuracy {100 * report['clone_accuracy']:.2f}% on "
+             f"{report['test_images']} images", "class            accuracy"]
+    for name, value in report["per_class_accuracy"].items():
+        lines.append(f"{name[:16]:16s} {'   -' if value is None else f'{100 * value:6.2f}%'}")
+    return "\n".join(lines)
+
+
 def _attack_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     token = read_token(args.token_file) if args.token_file else None
+    if args.test is not None or args.pool not in ("animal", "fashion_heldout"):
+        if args.test is None or args.out is None:
+            raise ValueError("a folder --pool needs --test DIR (labelled) and --out REPORT_DIR")
+        report = folder_attack(
+            args.url, token, Path(args.pool), args.test, args.out, args.budget, args.epochs,
+            args.seed, args.concurrency, args.timeout, args.arch, args.hard_labels,
+            progress=not args.no_progress)
+        print(print_attack(report))
+        print(f"report: {Path(args.out) / 'attack.json'}, {Path(args.out) / 'attack.png'}")
+        return 0
     report = live_attack(
         args.url, token, args.pool, args.budget, args.epochs, args.seed, args.concurrency,
-        args.timeout, progress=not args.no_progress, clone_out=args.out,
+        args.timeout, progress=not args.no_progress,
+        clone_out=None if args.out is None else Path(args.out) / "clone.pt",
     )
+    if args.out is not None:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "attack.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -274,13 +418,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--url", required=True,
                         help="http://HOST:PORT/predictions/NAME[/VERSION]")
     parser.add_argument("--token-file", type=Path, help="TorchServe's key_file.json")
-    parser.add_argument("--pool", default="animal", choices=("animal", "fashion_heldout"))
+    parser.add_argument("--pool", default="animal",
+                        help="a folder of images to send (as files), or the lab pools "
+                        "animal / fashion_heldout")
+    parser.add_argument("--test", type=Path,
+                        help="labelled folder (class sub-folders named as the API's classes) "
+                        "to score the clone on; needed with a folder --pool")
+    parser.add_argument("--arch", help="clone architecture (default: one that fits the "
+                        "served input size)")
+    parser.add_argument("--hard-labels", action="store_true",
+                        help="train on the top-1 labels only (a labels-only thief)")
     parser.add_argument("--budget", type=int, default=2000, help="queries to send")
     parser.add_argument("--epochs", type=int, default=CLONE_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", type=Path, help="save the clone checkpoint here")
+    parser.add_argument("--out", type=Path,
+                        help="report folder: attack.json, attack.png, clone.pt")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_attack_command)

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from grad2 import targets
 from grad2.balance import balance_target
-from grad2.data import to_tensor
 from grad2.defenses import GRAD2, Defense, solve_answers
+from grad2.lab.data import to_tensor
 from grad2.models import load_checkpoint
 from grad2.redirect import redirect
 from grad2.scores import eval_mode
@@ -334,7 +334,7 @@ def verify_model(secret: Secret, model: nn.Module) -> dict:
 
 def verify_url(secret: Secret, url: str, token: str | None) -> dict:
     """:func:`verify_scores` on the probabilities a prediction endpoint returns."""
-    from grad2.attack import APIClient
+    from grad2.lab.attack import APIClient
 
     answers, answered, _, _ = APIClient(url, token).query(secret.triggers, progress=False)
     if len(answered) != len(secret.triggers):
@@ -484,9 +484,9 @@ def evaluate_watermark(
     that the answers keep the clean mean answer on those queries
     (:func:`grad2.balance.balance_target`).
     """
-    from grad2.data import cache_dir, thief_pool
-    from grad2.evaluate import Lab, apply_defense
-    from grad2.train import CLONE_EPOCHS, predict_probs, train_clone
+    from grad2.lab.data import cache_dir, thief_pool
+    from grad2.lab.evaluate import Lab, apply_defense
+    from grad2.lab.train import CLONE_EPOCHS, predict_probs, train_clone
 
     lab = Lab(cache_dir() / "eval", progress=progress)
     surrogate = (lab.surrogate(pool) if surrogate_epochs is None
@@ -553,10 +553,10 @@ def evaluate_watermark(
 
 def _longer_surrogate(lab, pool: str, epochs: int, progress: bool) -> nn.Module:
     """The lab's surrogate recipe run for ``epochs`` epochs (cached as a checkpoint)."""
-    from grad2.data import thief_pool
-    from grad2.evaluate import EVAL_SURROGATE_PLANNED_EPOCHS
+    from grad2.lab.data import thief_pool
+    from grad2.lab.evaluate import EVAL_SURROGATE_PLANNED_EPOCHS
+    from grad2.lab.train import train_surrogate
     from grad2.models import save_checkpoint
-    from grad2.train import train_surrogate
 
     path = lab.folder / "models" / f"surrogate_{pool}_e{epochs}.pt"
     if path.exists():
@@ -587,7 +587,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    from grad2.train import set_threads
+    from grad2.lab.train import set_threads
 
     set_threads(args.threads)
     rows = evaluate_watermark(tuple(args.epsilons), tuple(args.seeds), args.pool,
@@ -607,7 +607,7 @@ def _create_command(args: argparse.Namespace) -> int:
     surrogate, _ = load_checkpoint(args.surrogate)
     references = None
     if args.references:
-        from grad2.data import thief_pool
+        from grad2.lab.data import thief_pool
 
         references = to_tensor(thief_pool(args.references, size=2000, seed=99).images)
     target, secret = create(surrogate, args.triggers, args.seed, style=args.style,
@@ -632,7 +632,7 @@ def _verify_command(args: argparse.Namespace) -> int:
             report["null_rejection_rates"] = null_rejection_rates(
                 logits, secret.num_classes, args.null_draws)
     else:
-        from grad2.attack import read_token
+        from grad2.lab.attack import read_token
 
         report = verify_url(secret, args.url, read_token(args.token_file)
                             if args.token_file else None)

@@ -39,11 +39,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from grad2.attack import encode_png
 from grad2.config import MEMORY_FORMATS
+from grad2.lab.attack import encode_png
 from grad2.models import build_model, load_checkpoint, save_checkpoint
 from grad2.scores import METHODS
-from grad2.serving import Ports, TorchServeServer, build_archive, start_server, stop_server
+from grad2.serve import Ports, TorchServeServer, build_archive, start_server, stop_server
 
 MODELS = ("plain", "defended")
 #: Memory goal: the defended worker may grow by the surrogate's weights plus this much.

@@ -162,7 +162,7 @@ def cache_dir() -> Path:
     if configured:
         folder = Path(configured).expanduser()
     else:
-        repo_root = Path(__file__).resolve().parent.parent
+        repo_root = Path(__file__).resolve().parents[2]
         in_checkout = (repo_root / "pyproject.toml").is_file() and (repo_root / "grad2").is_dir()
         folder = repo_root / ".cache" if in_checkout else Path.home() / ".cache" / "grad2"
     folder.mkdir(parents=True, exist_ok=True)

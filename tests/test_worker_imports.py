@@ -1,0 +1,124 @@
+"""What the TorchServe worker imports: the handler module, loading a model and defending a
+batch must not import the lab (``grad2.lab``) or its dependencies (matplotlib, tqdm,
+requests, scipy). Run in a fresh interpreter with those imports made to fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from grad2.models import build_model, save_checkpoint
+from grad2.serve.archive import stage_archive_files
+from grad2.serve.templates import template_path
+
+FORBIDDEN = ("matplotlib", "tqdm", "requests", "scipy", "grad2.lab")
+
+PROBE = r"""
+import importlib.abc, importlib.util, json, sys
+forbidden = tuple(sys.argv[3].split(","))
+# What the worker cannot avoid loads first (torch imports tqdm when it can: not allowed
+# here, so torch runs without it, as a fleet without the lab extra would).
+for name in forbidden:
+    sys.modules[name] = None
+import numpy, PIL.Image, torch, torchvision, yaml  # noqa: E401
+import ts.torch_handler.base_handler  # noqa: F401
+
+attempts = []
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "grad2.lab" or name.startswith(("grad2.lab.", "matplotlib", "tqdm",
+                                                    "requests", "scipy")):
+            attempts.append(name)
+            raise ImportError(f"the worker must not import {name}")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+model_dir = sys.argv[1]
+spec = importlib.util.spec_from_file_location("grad2_handler", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+(handler_class,) = [value for value in vars(module).values()
+                    if isinstance(value, type) and value.__module__ == module.__name__]
+
+class Context:
+    model_name = "m"
+    manifest = {"model": {"modelName": "m", "modelVersion": "1", "serializedFile": "victim.pt"}}
+    system_properties = {"model_dir": model_dir, "gpu_id": None, "batch_size": 4}
+    model_yaml_config = yaml.safe_load(open(model_dir + "/model-config.yaml"))
+    metrics = None
+    statuses = {}
+    def get_all_request_header(self, idx):
+        return {}
+    def set_response_status(self, code=200, phrase="", idx=0):
+        self.statuses[idx] = code
+    def set_response_content_type(self, idx, value):
+        pass
+
+handler = handler_class()
+handler.initialize(Context())
+answers = handler.handle([{"body": {"tensor": [[0.5] * 28] * 28}}] * 3, Context())
+print(json.dumps({
+    "attempts": attempts,
+    "loaded": sorted(name for name in sys.modules if sys.modules[name] is not None
+                     and name.startswith(forbidden)),
+    "grad2": sorted(name for name, module in sys.modules.items()
+                    if name.startswith("grad2") and module is not None),
+    "answers": answers,
+}))
+"""
+
+
+def test_worker_imports_no_lab_code_or_lab_dependencies(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(build_model("small_cnn"), tmp_path / "victim.pt")
+    torch.manual_seed(1)
+    save_checkpoint(build_model("small_cnn"), tmp_path / "surrogate.pt")
+    config = yaml.safe_load(template_path("model-configs/grad2.yaml").read_text())
+    config["batchSize"] = 4
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    model_dir = tmp_path / "model_dir"
+    stage_archive_files(model_dir, tmp_path / "config.yaml", tmp_path / "victim.pt",
+                        tmp_path / "surrogate.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(model_dir), str(template_path("grad2_handler.py")),
+         ",".join(FORBIDDEN)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["attempts"] == []
+    assert report["loaded"] == []
+    assert not [name for name in report["grad2"] if name.startswith("grad2.lab")]
+    assert "grad2.serve.handler" in report["grad2"] and "grad2.defenses" in report["grad2"]
+    # Nor the packaging and server tools: the worker runs handler, codec, loader and core.
+    assert "grad2.serve.archive" not in report["grad2"]
+    assert "grad2.serve.server" not in report["grad2"]
+    # The worker really answered: three defended probability vectors.
+    assert len(report["answers"]) == 3
+    for answer in report["answers"]:
+        assert abs(sum(answer.values()) - 1) < 1e-5
+
+
+def test_serving_commands_run_without_the_lab_extra(tmp_path: Path) -> None:
+    """``grad2 archive --help`` and ``grad2 serve --stop`` with matplotlib, tqdm, requests
+    and scipy unimportable (a host with only the ``serve`` extra)."""
+    script = (
+        "import sys\n"
+        f"for name in {list(FORBIDDEN)!r}: sys.modules[name] = None\n"
+        "from grad2.cli import main\n"
+        f"assert main(['serve', '--stop', '--workdir', {str(tmp_path)!r}]) == 0\n"
+        "try:\n"
+        "    main(['archive', '--help'])\n"
+        "except SystemExit as end:\n"
+        "    assert end.code == 0\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--victim" in result.stdout
