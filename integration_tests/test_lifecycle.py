@@ -56,10 +56,10 @@ def write_folder(root: Path, per_class: int, seed: int, labelled: bool = True) -
 
 def grad2(*args: str, cwd: Path, timeout: float = 600) -> str:
     started = time.perf_counter()
-    result = subprocess.run([str(GRAD2), *args, "--threads", "1"] if args[0] not in (
-        "archive", "serve") else [str(GRAD2), *args], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, check=False,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    threads = ["--threads", "1"] if args[0] not in ("archive", "serve", "verify") else []
+    result = subprocess.run([str(GRAD2), *args, *threads], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, check=False,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, f"grad2 {' '.join(args)}:\n{result.stderr[-3000:]}"
     print(f"grad2 {args[0]}: {time.perf_counter() - started:.1f} s")
     return result.stdout
@@ -148,4 +148,7 @@ def test_lifecycle_on_another_model_and_other_images(tmp_path: Path) -> None:
         defended = model.defense(x, clean)[0]
     assert list(served_answer) == CLASSES
     assert np.allclose(list(served_answer.values()), defended.tolist(), atol=1e-5)
-    print(f"lifecycle: {time.perf_counter() - started:.1f} s")
+    verdict = grad2("verify", "--archive", "store/pics_v2.1.mar", "--suspect", "attack/clone.pt",
+                    "--images", "thief_pool", "--draws", "200", cwd=work)
+    assert "permutation p =" in verdict
+    print(verdict, f"lifecycle: {time.perf_counter() - started:.1f} s")

@@ -81,7 +81,8 @@ def _write_target(args: argparse.Namespace, surrogate: torch.nn.Module | None,
                                          steps=args.balance_steps)
         print(f"balanced for epsilon {args.balance_epsilon:g}"
               f"{' with preserve_top1' if args.preserve_top1 else ''} on {len(references)} "
-              f"reference images: |mean answer - mean clean answer|_1 "
+              f"{args.pool if args.images is None else args.images} images: "
+              f"|mean answer - mean clean answer|_1 "
               f"{balance.gap_before:.4f} -> {balance.gap:.4f}")
     path = targets.save(target, args.out)
     targets.load(path, surrogate)  # the file must load back against its surrogate

@@ -622,6 +622,22 @@ def _create_command(args: argparse.Namespace) -> int:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
+    if args.archive is not None:
+        from grad2.lab.attack import read_token
+        from grad2.lab.ownership import verify_suspect, write_verdict
+
+        if args.suspect is None or args.images is None:
+            raise ValueError("--archive needs --suspect MODEL.pt|URL and --images DIR")
+        verdict = verify_suspect(args.archive, args.suspect, args.images,
+                                 read_token(args.token_file) if args.token_file else None,
+                                 draws=args.draws)
+        print(verdict.summary())
+        if args.out is not None:
+            write_verdict(verdict, args.out)
+        return 0
+    if args.secret is None or (args.model is None and args.url is None):
+        raise ValueError("give --archive A.mar --suspect S --images DIR, or --secret with "
+                         "--model or --url")
     secret = Secret.load(args.secret)
     if args.model:
         model, _ = load_checkpoint(args.model)
@@ -696,9 +712,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_evaluate_command)
 
-    verify = subparsers.add_parser("verify", help="test a suspect model for the watermark")
-    verify.add_argument("--secret", required=True, type=Path)
-    suspect = verify.add_mutually_exclusive_group(required=True)
+    verify = subparsers.add_parser(
+        "verify", help="test whether a suspect follows an archive's redirection (or a "
+        "watermark secret's triggers)")
+    verify.add_argument("--archive", type=Path,
+                        help="the served model version whose redirection is looked for")
+    verify.add_argument("--suspect", help="with --archive: a checkpoint (.pt) or a "
+                        "prediction URL")
+    verify.add_argument("--images", type=Path, help="with --archive: fresh images of the kind "
+                        "thieves send (a folder, searched recursively)")
+    verify.add_argument("--draws", type=int, default=1000,
+                        help="random class relabellings of the permutation test")
+    verify.add_argument("--out", type=Path, help="write the verdict as JSON here")
+    verify.add_argument("--secret", type=Path, help="a watermark secret (grad2 watermark "
+                        "create) to test its triggers instead")
+    suspect = verify.add_mutually_exclusive_group()
     suspect.add_argument("--model", type=Path, help="a checkpoint (grad2 models format)")
     suspect.add_argument("--url", help="a prediction endpoint returning probabilities")
     verify.add_argument("--token-file", type=Path)
