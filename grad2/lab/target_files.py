@@ -67,8 +67,8 @@ def _write_target(args: argparse.Namespace, surrogate: torch.nn.Module | None,
         raise ValueError(f"{args.archive} serves no surrogate (defense.method none?); pass "
                          "--surrogate S.pt, e.g. from grad2 train-surrogate --archive")
     if args.balance_epsilon is not None and victim is None:
-        raise ValueError("--balance-epsilon needs the victim's clean answers: --archive or "
-                         "--victim")
+        raise ValueError("--balance-epsilon needs --victim (or --archive): the victim's clean "
+                         "answers are the balance")
     references = _reference_images(args, spec) if args.kind == "misdirect" or (
         args.balance_epsilon is not None) else None
     if args.kind == "misdirect":
