@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 RowFunction = Callable[..., Tensor]
 """``fn(*inputs) -> [B, ...]``: row ``i`` of the result depends on row ``i`` of each input."""
@@ -38,17 +38,114 @@ def chunk_sizes(batch: int, sizes: Sequence[int]) -> list[int]:
     return chunks
 
 
-def invariant_map(fn: RowFunction, inputs: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
+def invariant_map(fn: RowFunction, inputs: Sequence[Tensor], sizes: Sequence[int],
+                  lone: RowFunction | None = None) -> Tensor:
     """``fn(*inputs)`` evaluated in chunks of ``sizes`` (see :func:`chunk_sizes`), so that
-    each row's result is the one it gets in any batch of those sizes."""
+    each row's result is the one it gets in any batch of those sizes. A chunk of one row
+    runs through ``lone`` when given (a batch-1 path checked to give the pair's bits, see
+    :func:`lone_agrees`), else as a pair with itself."""
     if len(inputs[0]) == 0:
         return fn(*inputs)
     results, start = [], 0
     for size in chunk_sizes(len(inputs[0]), sizes):
         chunk = [tensor[start : start + size] for tensor in inputs]
-        results.append(_as_pair(fn, chunk) if size == 1 else fn(*chunk))
+        if size > 1:
+            results.append(fn(*chunk))
+        else:
+            results.append(lone(*chunk) if lone is not None else _as_pair(fn, chunk))
         start += size
     return torch.cat(results)
+
+
+def lone_agrees(lone: RowFunction, fn: RowFunction, inputs: Sequence[Tensor],
+                rows: int = 4) -> bool:
+    """Does ``lone`` give each of the first ``rows`` rows of ``inputs`` the bits that ``fn``
+    gives the row as a pair with itself?"""
+    for index in range(min(rows, len(inputs[0]))):
+        row = [tensor[index : index + 1] for tensor in inputs]
+        if not torch.equal(lone(*row), _as_pair(fn, row)):
+            return False
+    return True
+
+
+def module_lone_plan(module: nn.Module, example: Tensor, trials: int = 3
+                     ) -> frozenset[str] | None:
+    """The leaf submodules (by name) that a lone input must run as a pair so that
+    ``module``'s output has the bits of the input as a pair with itself (see
+    :func:`run_lone`), found on inputs like ``example`` (``[1, ...]``) and checked end to
+    end on ``trials`` seeded inputs; ``None`` when no such plan reproduces them.
+
+    Many networks differ at batch 1 in a few layers only (at 224x224, torchvision's
+    ResNets only in their last linear layer: MKL's matrix-vector product), so the rest
+    of a lone query runs at its own size."""
+    leaves = {name: leaf for name, leaf in module.named_modules()
+              if name and not any(True for _ in leaf.children())}
+    generator = torch.Generator().manual_seed(0)
+
+    def draw() -> Tensor:
+        return torch.randn(example.shape, generator=generator, dtype=example.dtype).to(
+            example.device).contiguous(memory_format=_layout(example))
+
+    def recorder(captured: dict[str, tuple], name: str) -> Callable:
+        def record(_: nn.Module, args: tuple) -> None:
+            # The first call's inputs, copied before an in-place layer overwrites them.
+            captured.setdefault(name, tuple(a.clone() if isinstance(a, Tensor) else a
+                                            for a in args))
+        return record
+
+    try:
+        differing: set[str] = set()
+        with torch.no_grad():
+            for trial in range(trials):
+                x = example if trial == 0 else draw()
+                captured: dict[str, tuple] = {}
+                hooks = [leaf.register_forward_pre_hook(recorder(captured, name))
+                         for name, leaf in leaves.items()]
+                try:
+                    module(torch.cat([x, x]))
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                for name, args in captured.items():
+                    paired = leaves[name](*[a.clone() if isinstance(a, Tensor) else a
+                                            for a in args])
+                    alone = leaves[name](*[a[:1].clone() if isinstance(a, Tensor) else a
+                                           for a in args])
+                    if not (isinstance(paired, Tensor) and torch.equal(alone, paired[:1])):
+                        differing.add(name)
+            plan = frozenset(differing)
+            for _ in range(trials):
+                x = draw()
+                if not torch.equal(run_lone(module, x, plan), module(torch.cat([x, x]))[:1]):
+                    return None
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return None
+    return plan
+
+
+def run_lone(module: nn.Module, x: Tensor, plan: frozenset[str]) -> Tensor:
+    """``module(x)`` for one row ``x``, with the leaves named in ``plan`` run on the row
+    stacked twice (their first half kept)."""
+    hooks = []
+    for name, leaf in module.named_modules():
+        if name in plan:
+            hooks.append(leaf.register_forward_pre_hook(
+                lambda _, args: tuple(torch.cat([a, a]) if isinstance(a, Tensor) else a
+                                      for a in args)))
+            hooks.append(leaf.register_forward_hook(
+                lambda _, __, output: output[: output.shape[0] // 2]))
+    try:
+        return module(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _layout(tensor: Tensor) -> torch.memory_format:
+    if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def probe_sizes(fn: RowFunction, inputs: Sequence[Tensor], max_batch: int) -> tuple[int, ...]:

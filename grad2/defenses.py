@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from grad2 import targets
-from grad2.batching import invariant_map, probe_sizes
+from grad2.batching import invariant_map, lone_agrees, probe_sizes
 from grad2.config import ConfigError, DefenseConfig
 from grad2.redirect import redirect, separate_top
 from grad2.scores import METHODS as SCORE_METHODS
@@ -51,6 +51,9 @@ class Defense(ABC):
     plans_batches: bool = False
     #: The batch sizes answers are computed in (see :meth:`plan_batches`); ``None``: as given.
     batch_sizes: tuple[int, ...] | None = None
+    #: Whether a lone row computed alone has the bits of the row as a pair with itself
+    #: (checked by :meth:`plan_batches`); else a lone row runs as a pair.
+    lone: bool = False
 
     def __call__(self, x: Tensor, probs: Tensor) -> Tensor:
         """Defended probabilities ``[B, K]`` for inputs ``x`` ``[B, ...]``."""
@@ -62,7 +65,8 @@ class Defense(ABC):
             raise ValueError("probs has non-finite values")
         if self.batch_sizes is None:
             return self.defend(x, probs.detach())
-        return invariant_map(self.defend, (x, probs.detach()), self.batch_sizes)
+        return invariant_map(self.defend, (x, probs.detach()), self.batch_sizes,
+                             self.defend if self.lone else None)
 
     def plan_batches(self, x: Tensor, probs: Tensor, max_batch: int) -> tuple[int, ...] | None:
         """Make every later answer the one its query gets as a pair with itself, whatever
@@ -82,6 +86,9 @@ class Defense(ABC):
         # The network's raw output is probed, not the answer: a kernel's other last bits
         # show in every row there, while an answer hides them whenever they move no mass.
         self.batch_sizes = probe_sizes(self.network_rows, (x, probs.detach()), max_batch)
+        inputs = (x, probs.detach())
+        self.lone = (lone_agrees(self.network_rows, self.network_rows, inputs)
+                     and lone_agrees(self.defend, self.defend, inputs))
         return self.batch_sizes
 
     def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:

@@ -103,12 +103,12 @@ def _scores(model: nn.Module, x: Tensor, target: Target, method: str, fold: bool
         raise RuntimeError("redirection scores need autograd: call them outside inference_mode")
     if x.is_inference():
         x = x.clone()
-    # A query alone is computed as a batch of two (itself twice): oneDNN's float32
-    # convolutions take another kernel at batch size 1, whose last bits differ, and a
-    # query's scores must not depend on whether it arrived alone or batched.
+    # A query's scores must not depend on whether it arrived alone or batched, and CPU
+    # kernels may take another path at batch 1 (oneDNN convolutions, MKL's matrix-vector
+    # product, a vectorised activation's scalar tail). A lone query runs with only the
+    # layers that differ at batch 1 paired (TangentProgram.lone_plan), or as a batch of two
+    # (itself twice) when no such plan exists.
     alone = x.shape[0] == 1
-    if alone:
-        x = torch.cat([x, x])
     params = {name: p.detach() for name, p in model.named_parameters()}
     tangents = tangent_like(params, target)
     buffers = dict(model.named_buffers())
@@ -122,11 +122,29 @@ def _scores(model: nn.Module, x: Tensor, target: Target, method: str, fold: bool
         # A folded network was just checked against ``model`` by ``_folded``.
         program = (_program(network, check=network is model) if rules and method == "jvp"
                    else None)
+        plan = _lone_plan(program, params, tangents, buffers, x) if (
+            alone and program is not None) else None
+        if plan is not None:
+            logits, logits_tangent = program(params, tangents, buffers, x, plan)
+            return log_softmax_tangent(torch.cat([logits, logits]),
+                                       torch.cat([logits_tangent, logits_tangent]))[:1]
+        if alone:
+            x = torch.cat([x, x])
         if program is not None:
             scores = log_softmax_tangent(*program(params, tangents, buffers, x))
         else:
             scores = compute(network, params, buffers, tangents, x).detach()
     return scores[:1] if alone else scores
+
+
+def _lone_plan(program: TangentProgram, params, tangents, buffers, x: Tensor
+               ) -> frozenset | None:
+    """The nodes a lone query of ``x``'s kind runs as a pair (planned on first use, kept
+    with the program)."""
+    key = (tuple(x.shape), x.dtype, x.device, x.stride())
+    if key not in program.lone_plans:
+        program.lone_plans[key] = program.lone_plan(params, tangents, buffers, x)
+    return program.lone_plans[key]
 
 
 #: The folded trace of each network seen (None: nothing to fold), until it is collected.

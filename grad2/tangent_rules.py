@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,31 +71,152 @@ class TangentProgram:
     #: Per step, the nodes it reads last: their values are let go after it, so a call
     #: holds no more activations than a plain forward pass does.
     releases: tuple[tuple[fx.Node, ...], ...]
+    #: Lone-query plans found so far, by input (shape, dtype, device, strides).
+    lone_plans: dict[tuple, frozenset[fx.Node] | None] = field(default_factory=dict)
 
     def matches(self, network: nn.Module) -> bool:
         """Does ``network`` still hold the submodules it was compiled with?"""
         return holds_leaves(network, self.leaves)
 
     def __call__(self, params: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
-                 buffers: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor | None]:
+                 buffers: Mapping[str, Tensor], x: Tensor, paired: Collection[fx.Node] = ()
+                 ) -> tuple[Tensor, Tensor | None]:
         """``(logits, logits_tangent)`` of the network at ``x`` with parameters ``params``
         moved along ``tangents`` (all keyed like ``named_parameters()``/``named_buffers()``
-        of the traced module)."""
+        of the traced module). The nodes in ``paired`` run on their batch-carrying inputs
+        stacked twice and keep the first half (see :meth:`lone_plan`)."""
         context = _Context(params, tangents, buffers)
         values: dict[fx.Node, Dual] = {}
+        batched: set[fx.Node] = set()
         with torch.no_grad():
             for (node, rule), released in zip(self.steps, self.releases, strict=True):
                 if node.op == "placeholder":
                     values[node] = Dual(x)
+                    batched.add(node)
                     continue
                 if node.op == "output":
                     return _split(_lookup(values, node.args[0]))
-                args = _lookup(values, node.args)
-                kwargs = _lookup(values, node.kwargs)
-                values[node] = Dual(*rule(context, node, args, kwargs))
+                if any(read in batched for read in node.all_input_nodes):
+                    batched.add(node)
+                if node in paired:
+                    values[node] = _run_paired(rule, context, node, values, batched)
+                else:
+                    args = _lookup(values, node.args)
+                    kwargs = _lookup(values, node.kwargs)
+                    values[node] = Dual(*rule(context, node, args, kwargs))
                 for done in released:
                     del values[done]
         raise RuntimeError("traced network has no output")  # pragma: no cover
+
+    def lone_plan(self, params: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
+                  buffers: Mapping[str, Tensor], example: Tensor, trials: int = 3
+                  ) -> frozenset[fx.Node] | None:
+        """The nodes a lone query (batch 1) must run as a pair so that its logits and their
+        tangent have the bits the query gets as a pair with itself, on inputs like
+        ``example`` (``[1, ...]``: same shape, dtype and layout); ``None`` when no plan
+        reproduces them (then the whole query runs as a pair).
+
+        CPU kernels may take another path at batch 1 (oneDNN convolutions of small images,
+        MKL's matrix-vector product for a linear layer, the scalar tail of a vectorised
+        activation): each node is tried alone at batch 1 on the pair run's own inputs and
+        paired only if its bits differ; the plan is then checked end to end on ``trials``
+        seeded inputs.
+        """
+        generator = torch.Generator().manual_seed(0)
+
+        def draw() -> Tensor:
+            return torch.randn(example.shape, generator=generator, dtype=example.dtype).to(
+                example.device).contiguous(memory_format=_layout(example))
+
+        try:
+            paired: set[fx.Node] = set()
+            for trial in range(trials):
+                x = example if trial == 0 else draw()
+                paired |= self._differing_nodes(params, tangents, buffers, x)
+            plan = frozenset(paired)
+            for _ in range(trials):
+                x = draw()
+                alone = self(params, tangents, buffers, x, plan)
+                pair = self(params, tangents, buffers, torch.cat([x, x]))
+                if not all(_same(a, b[:1]) for a, b in zip(alone, pair, strict=True)):
+                    return None
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None  # e.g. a shape computed from the batch size: no plan, a pair
+        return plan
+
+    def _differing_nodes(self, params, tangents, buffers, x: Tensor) -> set[fx.Node]:
+        """Nodes whose batch-1 result differs from the first row of their result on the
+        same inputs stacked twice, along the pair run of ``x``."""
+        context = _Context(params, tangents, buffers)
+        values: dict[fx.Node, Dual] = {}
+        batched: set[fx.Node] = set()
+        differing: set[fx.Node] = set()
+        with torch.no_grad():
+            for node, rule in self.steps:
+                if node.op == "placeholder":
+                    values[node] = Dual(x)
+                    batched.add(node)
+                    continue
+                if node.op == "output":
+                    break
+                if any(read in batched for read in node.all_input_nodes):
+                    batched.add(node)
+                # The pair run's result, then the node alone on the same (first) rows.
+                reference = _run_paired(rule, context, node, values, batched)
+                if node in batched:
+                    args = _lookup(_cloned(values, node), node.args)
+                    kwargs = _lookup(_cloned(values, node), node.kwargs)
+                    alone = Dual(*rule(context, node, args, kwargs))
+                    if not (_same(alone.value, reference.value)
+                            and _same(alone.tangent, reference.tangent)):
+                        differing.add(node)
+                values[node] = reference
+        return differing
+
+
+def _layout(tensor: Tensor) -> torch.memory_format:
+    if tensor.ndim == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not (
+            tensor.is_contiguous()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    return (a is None and b is None) or (not isinstance(a, Tensor) and a == b)
+
+
+def _cloned(values: dict[fx.Node, Dual], node: fx.Node) -> dict[fx.Node, Dual]:
+    """The values ``node`` reads, copied (a rule may overwrite its input in place)."""
+    def copy(item: Dual) -> Dual:
+        value = item.value.clone() if isinstance(item.value, Tensor) else item.value
+        tangent = None if item.tangent is None else item.tangent.clone()
+        return Dual(value, tangent)
+
+    return {read: copy(values[read]) for read in node.all_input_nodes}
+
+
+def _run_paired(rule: Callable, context: _Context, node: fx.Node,
+                values: dict[fx.Node, Dual], batched: set[fx.Node]) -> Dual:
+    """``node`` on its batch-carrying inputs stacked twice; the first half of its result."""
+    def doubled(read: fx.Node) -> Dual:
+        item = values[read]
+        if read not in batched:
+            return item
+        value = torch.cat([item.value, item.value]) if isinstance(item.value, Tensor) \
+            else item.value
+        tangent = None if item.tangent is None else torch.cat([item.tangent, item.tangent])
+        return Dual(value, tangent)
+
+    args = fx.node.map_arg(node.args, doubled)
+    kwargs = fx.node.map_arg(node.kwargs, doubled)
+    value, tangent = rule(context, node, args, kwargs)
+    if node not in batched:
+        return Dual(value, tangent)
+    half = value.shape[0] // 2 if isinstance(value, Tensor) else None
+    return Dual(value[:half] if half else value,
+                None if tangent is None else tangent[: tangent.shape[0] // 2])
 
 
 def compile_rules(network: nn.Module) -> TangentProgram | None:

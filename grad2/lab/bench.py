@@ -530,6 +530,48 @@ def solver_section(setup: Setup, timer: Timer, rows: int, classes: int, resnet_b
     return record
 
 
+#: The real-size case: victim, its input and classes, and the surrogates it is defended by.
+REAL_VICTIM = "torchvision:resnet50"
+REAL_SHAPE = (3, 224, 224)
+REAL_CLASSES = 1000
+REAL_SURROGATES = ("torchvision:resnet18", "torchvision:mobilenet_v3_small")
+
+
+def real_size_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> list[dict]:
+    """ResNet-50 victim (3x224x224, K=1000) alone and with GRAD² by each real-size
+    surrogate, plain and top-1-preserving solver, per batch size; plus each surrogate's
+    JVP kernel on a lone query alone and as the pair the library runs it as."""
+    torch.manual_seed(setup.seed)
+    victim = setup.prepare(build_model(REAL_VICTIM, REAL_CLASSES, REAL_SHAPE[0]))
+    surrogates = {arch.split(":")[-1]: setup.prepare(build_model(arch, REAL_CLASSES,
+                                                                 REAL_SHAPE[0]))
+                  for arch in REAL_SURROGATES}
+    records = []
+    for batch in batches:
+        generator = torch.Generator().manual_seed(setup.seed + batch)
+        x = torch.randn((batch, *REAL_SHAPE), generator=generator).to(setup.device, setup.dtype)
+        items = [Item("victim_forward", lambda x=x: victim_forward(victim, x),
+                      {"batch": batch})]
+        for name, surrogate in surrogates.items():
+            for top1 in (False, True):
+                defense = GRAD2(surrogate, setup.epsilon, "all_ones", preserve_top1=top1)
+                label = f"victim_grad2_{name}{'_top1' if top1 else ''}"
+                items.append(Item(label, lambda x=x, d=defense: d(x, victim_forward(victim, x)),
+                                  {"batch": batch, "surrogate": name, "preserve_top1": top1}))
+            if batch == 1:
+                kernel = jvp_kernel(surrogate.eval(), targets.all_ones(surrogate))
+                pair = torch.cat([x, x])
+                items.append(Item(f"jvp_{name}_alone", lambda x=x, f=kernel: f(x),
+                                  {"batch": 1, "surrogate": name}))
+                items.append(Item(f"jvp_{name}_pair", lambda p=pair, f=kernel: f(p),
+                                  {"batch": 2, "surrogate": name}))
+        summaries = timer.run(items, f"real sizes, batch {batch}")
+        for summary in summaries[1:]:
+            summary["ratio_to_victim"] = paired_ratio(summary, summaries[0])
+        records.extend(summaries)
+    return records
+
+
 def compile_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> list[dict]:
     """The JVP scores under ``torch.compile(dynamic=True)``: first-call (compile) cost per
     batch size, steady-state time, and the difference from eager."""
@@ -615,6 +657,16 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3g}"
 
 
+def format_real_sizes(records: Sequence[dict[str, Any]]) -> str:
+    """The real-size section as a markdown table (medians, ratio to the victim alone)."""
+    lines = ["| batch | item | median ms | ratio to victim forward |", "| --- | --- | --- | --- |"]
+    for record in records:
+        ratio = record.get("ratio_to_victim")
+        lines.append(f"| {record['batch']} | {record['name']} | {1e3 * record['median_s']:.1f} "
+                     f"| {'—' if ratio is None else f'{ratio:.2f}×'} |")
+    return "\n".join(lines)
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = []
     meta = result["meta"]
@@ -622,6 +674,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"grad2 bench — device {meta['device']}, {meta['threads']} thread(s), {meta['dtype']}, "
         f"epsilon {meta['epsilon']}, medians of up to {meta['repeats']} repeats"
     )
+    if "real_sizes" in result:
+        return "\n".join([*lines, format_real_sizes(result["real_sizes"])])
     if meta.get("load_average_start") is not None:
         lines.append(f"load average (1, 5, 15 min) at start {meta['load_average_start']}, "
                      f"at end {meta.get('load_average_end')} on {meta['cpu_count']} cores")
@@ -765,6 +819,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "load_average_start": _load_average(),
     }}
+    if args.real_sizes:
+        result["real_sizes"] = real_size_section(setup, timer, args.real_batches)
+        result["meta"]["wall_s"] = time.perf_counter() - started
+        result["meta"]["load_average_end"] = _load_average()
+        return result
     section = per_batch_section(setup, timer, args.batches)
     result.update(section)
     result["classes"] = classes_section(setup, timer, args.classes, args.class_batch)
@@ -864,6 +923,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "passes (reference style); 0 skips it (default 4)")
     parser.add_argument("--own-cnn", action="store_true",
                         help="victim = the benchmark's own BN CNN, not grad2.models small_cnn")
+    parser.add_argument("--real-sizes", action="store_true",
+                        help="only the real-size case: ResNet-50 victim at 3x224x224, K=1000, "
+                             "GRAD² by ResNet-18 and MobileNetV3 surrogates, plain and "
+                             "top-1-preserving solver")
+    parser.add_argument("--real-batches", type=_int_list, default=[1, 4, 16],
+                        help="batch sizes of --real-sizes (default 1,4,16)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the JVP under torch.compile (minutes of start-up)")
     parser.add_argument("--compile-batches", type=_int_list, help="default 1,32")

@@ -1,12 +1,17 @@
 """``grad2 bench-serve``: the defense's cost through a real TorchServe (issue 6).
 
-One server per concurrency level serves the same victim twice, side by side: ``plain``
-(``method: none``, no surrogate in the archive) and ``defended`` (GRAD², ``all_ones``,
-a surrogate of the victim's architecture), each with one worker, one torch thread and
-``batchSize`` equal to the concurrency. Clients send PNG images through the standard
-inference API (``POST /predictions/NAME``, token on) from ``concurrency`` threads, each
-with its own keep-alive session. After a warm-up the two models are timed in alternating
-rounds (a background load hits both alike; the order flips every round) and summarised by
+One server per concurrency level serves the same victim side by side: ``plain``
+(``method: none``, no surrogate in the archive) and one or more defended variants (GRAD²,
+``all_ones``), each with one worker, one torch thread and ``batchSize`` equal to the
+concurrency. ``--case small`` (default) is the lab's 28x28 ``small_cnn`` with a surrogate
+of its own architecture (variant ``defended``); ``--case imagenet`` is a
+``torchvision:resnet50`` victim at 3x224x224 with 1,000 classes (random weights: cost
+only) defended by a ``torchvision:resnet18`` and a ``torchvision:mobilenet_v3_small``
+surrogate, each with the plain and the top-1-preserving solver. Clients send PNG images
+through the standard inference API (``POST /predictions/NAME``, token on) from
+``concurrency`` threads, each with its own keep-alive session. After a warm-up the models
+are timed in alternating rounds (a background load hits all alike; the order flips every
+round) and summarised by
 medians over rounds: throughput (answers per second), p50 and p99 latency, and the ratio
 defended / plain measured in the same round. Worker memory (RSS and USS of each model's
 worker process, from the management API's pids) is read after the warm-up and at the end;
@@ -45,7 +50,20 @@ from grad2.models import build_model, load_checkpoint, save_checkpoint
 from grad2.scores import METHODS
 from grad2.serve import Ports, TorchServeServer, build_archive, start_server, stop_server
 
-MODELS = ("plain", "defended")
+PLAIN = "plain"
+#: ``--case`` -> victim architecture, classes, input ``[C, H, W]``, normalisation, and the
+#: defended variants as name -> (surrogate architecture, preserve_top1).
+CASES: dict[str, dict[str, Any]] = {
+    "small": {"victim": "small_cnn", "classes": 10, "shape": (1, 28, 28),
+              "mean": [0.286], "std": [0.353],
+              "variants": {"defended": (None, False)}},
+    "imagenet": {"victim": "torchvision:resnet50", "classes": 1000, "shape": (3, 224, 224),
+                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                 "variants": {"resnet18": ("torchvision:resnet18", False),
+                              "resnet18_top1": ("torchvision:resnet18", True),
+                              "mobilenet": ("torchvision:mobilenet_v3_small", False),
+                              "mobilenet_top1": ("torchvision:mobilenet_v3_small", True)}},
+}
 #: Memory goal: the defended worker may grow by the surrogate's weights plus this much.
 MEMORY_SLACK_MB = 50.0
 THROUGHPUT_GOAL = 0.85
@@ -72,11 +90,12 @@ class Round:
         return float(np.quantile(self.latencies_ms, quantile))
 
 
-def query_images(count: int, seed: int, side: int = 28) -> list[bytes]:
-    """``count`` seeded grayscale PNGs (content does not change the cost per query)."""
+def query_images(count: int, seed: int, shape: Sequence[int] = (1, 28, 28)) -> list[bytes]:
+    """``count`` seeded PNGs of ``[C, H, W]`` (content does not change the cost per query)."""
+    channels, height, width = shape
     rng = np.random.default_rng(seed)
-    return [encode_png(rng.integers(0, 256, size=(side, side), dtype=np.uint8))
-            for _ in range(count)]
+    size = (height, width) if channels == 1 else (height, width, channels)
+    return [encode_png(rng.integers(0, 256, size=size, dtype=np.uint8)) for _ in range(count)]
 
 
 def burst(url: str, token: str, images: Sequence[bytes], total: int, concurrency: int,
@@ -133,61 +152,65 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_store(folder: Path, victim: Path, surrogate: Path, batch_size: int,
-                epsilon: float, batch_invariant: bool, scores: str = "jvp",
-                memory_format: str = "channels_last") -> Path:
-    """``plain`` and ``defended`` archives of ``victim`` with ``batchSize`` ``batch_size``."""
+def build_store(folder: Path, victim: Path, surrogates: dict[str, tuple[Path, bool]],
+                batch_size: int, epsilon: float, batch_invariant: bool, case: dict[str, Any],
+                scores: str = "jvp", memory_format: str = "channels_last") -> Path:
+    """The ``plain`` archive and one defended archive per variant (``name -> (surrogate
+    checkpoint, preserve_top1)``) of ``victim``, with ``batchSize`` ``batch_size``."""
     store = folder / f"store_b{batch_size}"
-    defenses = {
-        "plain": ({"method": "none"}, None),
-        "defended": ({"method": "grad2", "epsilon": epsilon, "target": "all_ones",
-                      "surrogate": "surrogate.pt", "scores": scores}, surrogate),
-    }
-    for name, (defense, surrogate_file) in defenses.items():
+    channels, height, width = case["shape"]
+    archives: dict[str, tuple[dict[str, Any], Path | None]] = {PLAIN: ({"method": "none"}, None)}
+    for name, (surrogate, preserve_top1) in surrogates.items():
+        archives[name] = ({"method": "grad2", "epsilon": epsilon, "target": "all_ones",
+                           "surrogate": "surrogate.pt", "scores": scores,
+                           "preserve_top1": preserve_top1}, surrogate)
+    for name, (defense, surrogate_file) in archives.items():
         config = folder / f"{name}_b{batch_size}.yaml"
         config.write_text(yaml.safe_dump({
             "minWorkers": 1, "maxWorkers": 1, "batchSize": batch_size, "maxBatchDelay": 5,
-            "responseTimeout": 120, "defense": defense,
-            "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286],
-                      "std": [0.353], "threads": 1},
+            "responseTimeout": 600, "startupTimeout": 900, "defense": defense,
+            "input": {"channels": channels, "height": height, "width": width,
+                      "mean": case["mean"], "std": case["std"], "threads": 1},
             "handler": {"batch_invariant": batch_invariant, "memory_format": memory_format},
         }))
         build_archive(name, "1.0", victim, config, store, surrogate=surrogate_file, force=True)
     return store
 
 
-def measure_level(folder: Path, store: Path, concurrency: int, images: Sequence[bytes],
-                  requests_per_round: int, rounds: int, warmup: int,
+def measure_level(folder: Path, store: Path, models: Sequence[str], concurrency: int,
+                  images: Sequence[bytes], requests_per_round: int, rounds: int, warmup: int,
                   progress: bool) -> dict[str, Any]:
-    """Serve both archives, warm up, then time ``rounds`` alternating rounds."""
+    """Serve every archive, warm up, then time ``rounds`` rounds of each model, in an
+    order that rotates every round."""
     workdir = folder / f"server_c{concurrency}"
-    server = start_server(store, [f"{m}={m}.mar" for m in MODELS], workdir=workdir,
-                          ports=Ports.free())
+    server = start_server(store, [f"{m}={m}.mar" for m in models], workdir=workdir,
+                          ports=Ports.free(), timeout=1800)
     try:
         token = server.tokens().inference
-        urls = {m: f"{server.inference_url}/predictions/{m}" for m in MODELS}
-        for model in MODELS:
+        urls = {m: f"{server.inference_url}/predictions/{m}" for m in models}
+        for model in models:
             burst(urls[model], token, images, warmup, concurrency)
-        memory_warm = {m: worker_memory_mb(server, m) for m in MODELS}
+        memory_warm = {m: worker_memory_mb(server, m) for m in models}
         timed: list[Round] = []
         schedule = [(r, m) for r in range(rounds)
-                    for m in (MODELS if r % 2 == 0 else MODELS[::-1])]
+                    for m in (models if r % 2 == 0 else list(models)[::-1])]
         for _, model in tqdm(schedule, desc=f"concurrency {concurrency}", unit="round",
                              disable=not progress, leave=False):
             seconds, cpu, statuses, latencies = burst(
                 urls[model], token, images, requests_per_round, concurrency)
             timed.append(Round(model, concurrency, requests_per_round, seconds, cpu,
                                statuses, latencies))
-        memory_end = {m: worker_memory_mb(server, m) for m in MODELS}
+        memory_end = {m: worker_memory_mb(server, m) for m in models}
     finally:
         stop_server(workdir)
-    return summarise(timed, concurrency, memory_warm, memory_end)
+    return summarise(timed, models, concurrency, memory_warm, memory_end)
 
 
-def summarise(timed: Sequence[Round], concurrency: int, memory_warm: dict,
-              memory_end: dict) -> dict[str, Any]:
-    """Medians over rounds per model, and the per-round defended / plain ratios."""
-    by_model = {m: [r for r in timed if r.model == m] for m in MODELS}
+def summarise(timed: Sequence[Round], models: Sequence[str], concurrency: int,
+              memory_warm: dict, memory_end: dict) -> dict[str, Any]:
+    """Medians over rounds per model, and each defended / plain ratio measured in the same
+    round (``ratios``; for the small case also ``throughput_ratio`` & co. at the top)."""
+    by_model = {m: [r for r in timed if r.model == m] for m in models}
     summary: dict[str, Any] = {"concurrency": concurrency, "batch_size": concurrency}
     for model, rounds in by_model.items():
         statuses: dict[str, int] = {}
@@ -205,55 +228,75 @@ def summarise(timed: Sequence[Round], concurrency: int, memory_warm: dict,
             "rounds": [{k: v for k, v in asdict(r).items() if k != "latencies_ms"}
                        | {"p50_ms": r.latency(0.5), "p99_ms": r.latency(0.99)} for r in rounds],
         }
-    pairs = list(zip(by_model["plain"], by_model["defended"], strict=True))
-    summary["throughput_ratio"] = statistics.median(d.throughput / p.throughput
-                                                    for p, d in pairs)
-    summary["p50_ratio"] = statistics.median(d.latency(0.5) / p.latency(0.5) for p, d in pairs)
-    summary["p99_ratio"] = statistics.median(d.latency(0.99) / p.latency(0.99)
-                                             for p, d in pairs)
+    summary["ratios"] = {}
+    for model in models:
+        if model == PLAIN:
+            continue
+        pairs = list(zip(by_model[PLAIN], by_model[model], strict=True))
+        summary["ratios"][model] = {
+            "throughput": statistics.median(d.throughput / p.throughput for p, d in pairs),
+            "p50": statistics.median(d.latency(0.5) / p.latency(0.5) for p, d in pairs),
+            "p99": statistics.median(d.latency(0.99) / p.latency(0.99) for p, d in pairs),
+        }
+    if "defended" in summary["ratios"]:
+        for key, value in summary["ratios"]["defended"].items():
+            summary[f"{key}_ratio"] = value
     return summary
 
 
-def goals(levels: Sequence[dict[str, Any]], surrogate_mb: float) -> list[dict[str, Any]]:
-    """The issue's two end-to-end goals, each as measured / goal."""
+#: (case, concurrency, measure, goal): throughput ratio >= goal, p99 ratio <= goal.
+GOALS = (("small", 16, "throughput", THROUGHPUT_GOAL), ("small", 1, "throughput", 0.85),
+         ("imagenet", 16, "throughput", 0.80), ("imagenet", 1, "p99", 1.5))
+
+
+def goals(levels: Sequence[dict[str, Any]], case: str, surrogate_mb: dict[str, float]
+          ) -> list[dict[str, Any]]:
+    """The issues' end-to-end goals that this run measured, each as measured / goal: per
+    defended variant, throughput (or p99 latency) against plain, and worker memory."""
     rows = []
-    at_goal = [level for level in levels if level["concurrency"] == GOAL_CONCURRENCY]
-    if at_goal:
-        ratio = at_goal[0]["throughput_ratio"]
-        rows.append({"goal": f"defended throughput >= {THROUGHPUT_GOAL}x plain at "
-                             f"concurrency {GOAL_CONCURRENCY}",
-                     "measured": round(ratio, 3), "met": ratio >= THROUGHPUT_GOAL})
-    growth = max(level["defended"]["memory_at_end"]["rss_mb"]
-                 - level["plain"]["memory_at_end"]["rss_mb"] for level in levels)
-    allowed = surrogate_mb + MEMORY_SLACK_MB
-    rows.append({"goal": f"defended worker RSS - plain <= surrogate weights "
-                         f"({surrogate_mb:.2f} MB) + {MEMORY_SLACK_MB:g} MB",
-                 "measured": round(growth, 1), "met": growth <= allowed})
+    for goal_case, concurrency, measure, goal in GOALS:
+        if goal_case != case:
+            continue
+        for level in levels:
+            if level["concurrency"] != concurrency:
+                continue
+            for variant, ratios in level["ratios"].items():
+                value = ratios[measure]
+                met = value >= goal if measure == "throughput" else value <= goal
+                word = ">=" if measure == "throughput" else "<="
+                rows.append({"goal": f"{variant} {measure} {word} {goal}x plain at "
+                             f"concurrency {concurrency}", "measured": round(value, 3),
+                             "met": met})
+    for variant, weights in surrogate_mb.items():
+        growth = max(level[variant]["memory_at_end"]["rss_mb"]
+                     - level[PLAIN]["memory_at_end"]["rss_mb"] for level in levels)
+        allowed = weights + MEMORY_SLACK_MB
+        rows.append({"goal": f"{variant} worker RSS - plain <= surrogate weights "
+                             f"({weights:.2f} MB) + {MEMORY_SLACK_MB:g} MB",
+                     "measured": round(growth, 1), "met": growth <= allowed})
     return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        "| concurrency (= batchSize) | plain req/s | defended req/s | ratio | plain p50 / p99 ms"
-        " | defended p50 / p99 ms | client CPU share |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency (= batchSize) | model | req/s | ratio to plain | p50 / p99 ms "
+        "| p99 ratio | worker RSS / USS MB | client CPU share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for level in result["levels"]:
-        plain, defended = level["plain"], level["defended"]
-        lines.append(
-            f"| {level['concurrency']} | {plain['throughput_rps']:.0f} | "
-            f"{defended['throughput_rps']:.0f} | {level['throughput_ratio']:.2f}× | "
-            f"{plain['p50_ms']:.1f} / {plain['p99_ms']:.1f} | "
-            f"{defended['p50_ms']:.1f} / {defended['p99_ms']:.1f} | "
-            f"{plain['client_cpu_share']:.2f} / {defended['client_cpu_share']:.2f} |")
-    lines += ["", "| concurrency | plain worker RSS / USS MB | defended worker RSS / USS MB |"
-              " growth (RSS) |", "| --- | --- | --- | --- |"]
-    for level in result["levels"]:
-        plain, defended = (level[m]["memory_at_end"] for m in MODELS)
-        lines.append(f"| {level['concurrency']} | {plain['rss_mb']:.0f} / {plain['uss_mb']:.0f}"
-                     f" | {defended['rss_mb']:.0f} / {defended['uss_mb']:.0f} | "
-                     f"{defended['rss_mb'] - plain['rss_mb']:+.1f} |")
-    lines += ["", f"surrogate weights: {result['surrogate_weight_mb']:.3f} MB", ""]
+        for model in result["models"]:
+            measured = level[model]
+            ratios = level["ratios"].get(model)
+            memory = measured["memory_at_end"]
+            throughput = "—" if ratios is None else f"{ratios['throughput']:.2f}×"
+            p99 = "—" if ratios is None else f"{ratios['p99']:.2f}×"
+            lines.append(
+                f"| {level['concurrency']} | {model} | {measured['throughput_rps']:.1f} | "
+                f"{throughput} | {measured['p50_ms']:.1f} / {measured['p99_ms']:.1f} | {p99} | "
+                f"{memory['rss_mb']:.0f} / {memory['uss_mb']:.0f} | "
+                f"{measured['client_cpu_share']:.2f} |")
+    weights = ", ".join(f"{k} {v:.2f} MB" for k, v in result["surrogate_weight_mb"].items())
+    lines += ["", f"surrogate weights: {weights}", ""]
     lines += [f"- {row['goal']}: {row['measured']} ({'met' if row['met'] else 'NOT met'})"
               for row in result["goals"]]
     return "\n".join(lines)
@@ -268,7 +311,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     levels = result["levels"]
     concurrency = [level["concurrency"] for level in levels]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for model, style in zip(MODELS, ("--o", "-o"), strict=True):
+    for model in result["models"]:
+        style = "--o" if model == PLAIN else "-o"
         left.plot(concurrency, [lv[model]["throughput_rps"] for lv in levels], style,
                   label=model)
         right.plot(concurrency, [lv[model]["p50_ms"] for lv in levels], style,
@@ -283,7 +327,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.set_ylabel("answers per second")
     right.set_ylabel("latency (ms)")
     right.set_yscale("log")
-    figure.suptitle("TorchServe, one worker per model: plain vs GRAD²-defended")
+    figure.suptitle(f"TorchServe, one worker per model ({result['settings']['case']} case): "
+                    "plain vs GRAD²-defended")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -292,27 +337,36 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
+    case = CASES[args.case]
+    channels, _, _ = case["shape"]
     with tempfile.TemporaryDirectory(prefix="grad2-bench-serve-") as work:
         folder = Path(work)
-        victim, surrogate = args.victim, args.surrogate
+        victim = args.victim
         if victim is None:
             torch.manual_seed(args.seed)
             victim = folder / "victim.pt"
-            save_checkpoint(build_model(args.arch), victim)
-        if surrogate is None:
-            torch.manual_seed(args.seed + 1)
-            surrogate = folder / "surrogate.pt"
-            save_checkpoint(build_model(args.arch), surrogate)
-        surrogate_model, _ = load_checkpoint(Path(surrogate))
-        surrogate_mb = weight_bytes(surrogate_model) / 2**20
-        images = query_images(args.images, args.seed)
+            save_checkpoint(build_model(args.arch or case["victim"], case["classes"],
+                                        channels), victim)
+        surrogates: dict[str, tuple[Path, bool]] = {}
+        surrogate_mb: dict[str, float] = {}
+        for index, (name, (arch, preserve_top1)) in enumerate(case["variants"].items()):
+            path = args.surrogate
+            if path is None:
+                torch.manual_seed(args.seed + 1 + index)
+                path = folder / f"surrogate_{name}.pt"
+                save_checkpoint(build_model(arch or args.arch or case["victim"],
+                                            case["classes"], channels), path)
+            surrogates[name] = (Path(path), preserve_top1 or args.preserve_top1)
+            surrogate_mb[name] = weight_bytes(load_checkpoint(Path(path))[0]) / 2**20
+        models = [PLAIN, *surrogates]
+        images = query_images(args.images, args.seed, case["shape"])
         levels = []
         for concurrency in args.concurrency:
-            store = build_store(folder, Path(victim), Path(surrogate), concurrency,
-                                args.epsilon, not args.batched_victim, args.scores,
+            store = build_store(folder, Path(victim), surrogates, concurrency, args.epsilon,
+                                not args.batched_victim, case, args.scores,
                                 args.memory_format)
             levels.append(measure_level(
-                folder, store, concurrency, images, args.requests, args.rounds,
+                folder, store, models, concurrency, images, args.requests, args.rounds,
                 args.warmup or max(4 * concurrency, 100), not args.no_progress))
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -320,9 +374,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "load_average": list(os.getloadavg()), "torch": torch.__version__},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                      if k != "func"},
+        "models": models,
         "surrogate_weight_mb": surrogate_mb,
         "levels": levels,
-        "goals": goals(levels, surrogate_mb),
+        "goals": goals(levels, args.case, surrogate_mb),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     return result
@@ -362,11 +417,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds per model")
     parser.add_argument("--warmup", type=int, help="requests per model before timing "
                         "(default max(4 x concurrency, 100))")
+    parser.add_argument("--case", choices=tuple(CASES), default="small",
+                        help="small: 28x28 small_cnn victim and surrogate; imagenet: "
+                        "ResNet-50 victim at 3x224x224, K=1000, ResNet-18 and MobileNetV3 "
+                        "surrogates, plain and top-1-preserving solver")
+    parser.add_argument("--preserve-top1", action="store_true",
+                        help="every defended variant keeps the top-1 label")
     parser.add_argument("--epsilon", type=float, default=0.5)
     parser.add_argument("--scores", choices=METHODS, default="jvp",
                         help="the defended archive's defense.scores (default jvp)")
-    parser.add_argument("--arch", default="small_cnn", help="victim and surrogate architecture "
-                        "when no checkpoints are given (random weights: cost only)")
+    parser.add_argument("--arch", help="victim (and small-case surrogate) architecture when no "
+                        "checkpoints are given (default: the case's; random weights)")
     parser.add_argument("--victim", type=Path, help="victim checkpoint (default: random)")
     parser.add_argument("--surrogate", type=Path, help="surrogate checkpoint (default: random)")
     parser.add_argument("--batched-victim", action="store_true",

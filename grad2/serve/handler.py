@@ -161,8 +161,9 @@ class Grad2Handler(BaseHandler):
         """Clean probabilities ``[N, K]`` = ``softmax(victim(x))`` (never answered as is).
         Runs under ``no_grad``, not ``inference_mode``, so the defense may differentiate
         through ``x``; in the planned batch sizes unless ``handler.batch_invariant`` is
-        false."""
-        return loader.clean_probabilities(self.model, x, self.served.victim_sizes)
+        false, and a lone query with only the layers that differ at batch 1 paired."""
+        lone = self.served.victim_lone_plan if self.model is self.served.victim else None
+        return loader.clean_probabilities(self.model, x, self.served.victim_sizes, lone)
 
     def postprocess(self, x: torch.Tensor, probs: torch.Tensor) -> list[dict[str, Any]] | None:
         """Defend the whole batch once and encode one answer per image; ``None`` when the
@@ -223,13 +224,16 @@ class Grad2Handler(BaseHandler):
         started = time.perf_counter()
         planned = self.served.plan_batches(max_batch)
         if planned:
+            victim_lone = planned["victim_lone"]
             logger.info(
                 "batch sizes up to %d with batch-independent rows (probed in %.1f s): "
-                "victim %s; defense %s",
+                "victim %s; defense %s; a lone query: victim %s, defense %s",
                 max_batch,
                 time.perf_counter() - started,
                 describe_sizes(planned["victim"]),
                 "needs none" if planned["defense"] is None else describe_sizes(planned["defense"]),
+                "as a pair" if victim_lone is None else f"{len(victim_lone)} layer(s) paired",
+                "alone" if planned["defense_lone"] else "as a pair",
             )
 
     def _deliver(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from grad2.batching import invariant_map, probe_sizes
+from grad2.batching import invariant_map, module_lone_plan, probe_sizes, run_lone
 from grad2.config import ConfigError, DefenseConfig, HandlerConfig, InputConfig
 from grad2.serve.codec import normalise
 
@@ -39,6 +39,9 @@ class ServedModel:
     #: Batch sizes at which each victim row equals its pair reference, found by
     #: :meth:`plan_batches`; until then every row runs as a pair with itself.
     victim_batch_sizes: tuple[int, ...] = ()
+    #: The victim's layers a lone row runs as a pair (:func:`grad2.batching.run_lone`);
+    #: ``None``: the whole row as a pair.
+    victim_lone_plan: frozenset[str] | None = None
 
     @property
     def victim_sizes(self) -> tuple[int, ...] | None:
@@ -60,10 +63,19 @@ class ServedModel:
         self.victim_batch_sizes = probe_sizes(
             lambda rows: clean_probabilities(self.victim, rows, None), (x,), max_batch
         )
-        probs = clean_probabilities(self.victim, x, self.victim_sizes)
+        with torch.no_grad():
+            self.victim_lone_plan = module_lone_plan(self.victim, x[:1])
+        probs = self.probabilities(x)
         with torch.enable_grad():
             defense_sizes = self.defense.plan_batches(x, probs, max_batch)
-        return {"victim": self.victim_batch_sizes, "defense": defense_sizes}
+        return {"victim": self.victim_batch_sizes, "defense": defense_sizes,
+                "victim_lone": self.victim_lone_plan,
+                "defense_lone": getattr(self.defense, "lone", False)}
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The victim's clean probabilities ``[B, K]`` as the worker computes them: in the
+        planned batch sizes, a lone row through the lone plan."""
+        return clean_probabilities(self.victim, x, self.victim_sizes, self.victim_lone_plan)
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
@@ -159,7 +171,8 @@ def load_served_model(
 
 
 def clean_probabilities(
-    victim: torch.nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] | None = ()
+    victim: torch.nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] | None = (),
+    lone_plan: frozenset[str] | None = None,
 ) -> torch.Tensor:
     """``softmax(victim(x))`` ``[B, K]`` in float32, under ``no_grad`` (not
     ``inference_mode``, so the defense may still differentiate through ``x``).
@@ -169,9 +182,13 @@ def clean_probabilities(
     (:func:`grad2.batching.invariant_map`; ``()``: every row as a pair). CPU kernels pick
     other summation orders for other batch sizes (a small CNN's logits moved by ~1e-7
     between batch 1 and 32) and TorchServe's batches depend on traffic. ``None`` runs the
-    batch as it comes (``handler: {batch_invariant: false}``)."""
+    batch as it comes (``handler: {batch_invariant: false}``). ``lone_plan`` runs a lone
+    row with only the layers that differ at batch 1 paired
+    (:func:`grad2.batching.module_lone_plan`)."""
+    lone = None if lone_plan is None else (lambda row: run_lone(victim, row, lone_plan))
     with torch.no_grad():
-        logits = victim(x) if batch_sizes is None else invariant_map(victim, (x,), batch_sizes)
+        logits = victim(x) if batch_sizes is None else invariant_map(victim, (x,), batch_sizes,
+                                                                    lone)
     return torch.softmax(logits.float(), dim=1)
 
 
