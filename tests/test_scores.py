@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 import torchvision
+from nets import gaussian_target, relative_error
 from torch import nn
 
 from grad2 import targets
@@ -72,18 +73,6 @@ def warm_batch_norm(model: nn.Module, x: torch.Tensor) -> nn.Module:
         for _ in range(3):
             model(x + 0.3 * torch.randn_like(x))
     return model.eval()
-
-
-def gaussian_target(model: nn.Module, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        n: torch.randn(p.shape, generator=generator, dtype=p.dtype)
-        for n, p in model.named_parameters()
-    }
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value - reference).abs().max() / reference.abs().max())
 
 
 TOLERANCE = {"jvp": 1e-8, "double_backward": 1e-8, "finite_difference": 1e-5}

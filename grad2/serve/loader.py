@@ -52,17 +52,19 @@ class ServedModel:
         """With ``batch_invariant``, find the batch sizes up to ``max_batch`` at which the
         victim and the defense give each row its pair-reference result, on seeded random
         inputs of the model's shape (:mod:`grad2.batching`), and use only those from now
-        on. Returns the sizes found, by part (empty without ``batch_invariant``)."""
-        if not self.batch_invariant or max_batch < 2:
+        on; and how a lone query keeps the bits it gets as a pair (also with
+        ``batchSize: 1``, where every query is lone). Returns what was found, by part
+        (empty without ``batch_invariant``)."""
+        if not self.batch_invariant:
             return {}
         spec = self.input_config
         generator = torch.Generator().manual_seed(seed)
-        pixels = torch.rand((max_batch, spec.channels, spec.height, spec.width),
+        pixels = torch.rand((max(max_batch, 4), spec.channels, spec.height, spec.width),
                             generator=generator)
         x = normalise(pixels, spec)
         self.victim_batch_sizes = probe_sizes(
             lambda rows: clean_probabilities(self.victim, rows, None), (x,), max_batch
-        )
+        ) if max_batch >= 2 else ()
         with torch.no_grad():
             self.victim_lone_plan = module_lone_plan(self.victim, x[:1])
         probs = self.probabilities(x)
