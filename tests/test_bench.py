@@ -99,3 +99,23 @@ def test_quick_defaults_and_argument_checks():
     assert args.batches == [1, 8, 32, 128] and args.classes == [10, 100, 1000]
     assert (args.solver_rows, args.solver_classes, args.resnet_size) == (10_000, 1_000, 224)
     assert cli.main(["bench", "--epsilon", "3", "--no-progress"]) == 2
+
+
+def test_bench_serve_goals_per_variant_and_case() -> None:
+    """Each defended variant is judged against plain at the issue's concurrency levels."""
+    from grad2.lab.bench_serve import goals
+
+    def level(concurrency: int, throughput: float, p99: float, rss: float) -> dict:
+        memory = {"memory_at_end": {"rss_mb": rss}}
+        return {"concurrency": concurrency,
+                "ratios": {"resnet18": {"throughput": throughput, "p99": p99, "p50": 1.0}},
+                "plain": {"memory_at_end": {"rss_mb": 1000.0}}, "resnet18": memory}
+
+    rows = goals([level(1, 0.9, 1.6, 1100.0), level(16, 0.81, 2.0, 1090.0)], "imagenet",
+                 {"resnet18": 44.6})
+    verdicts = {row["goal"]: row["met"] for row in rows}
+    assert verdicts == {
+        "resnet18 throughput >= 0.8x plain at concurrency 16": True,
+        "resnet18 p99 <= 1.5x plain at concurrency 1": False,
+        "resnet18 worker RSS - plain <= surrogate weights (44.60 MB) + 50 MB": False,
+    }
