@@ -84,7 +84,7 @@ def module_lone_plan(module: nn.Module, example: Tensor, trials: int = 3
 
     def draw() -> Tensor:
         return torch.randn(example.shape, generator=generator, dtype=example.dtype).to(
-            example.device).contiguous(memory_format=_layout(example))
+            example.device).contiguous(memory_format=memory_layout(example))
 
     def recorder(captured: dict[str, tuple], name: str) -> Callable:
         def record(_: nn.Module, args: tuple) -> None:
@@ -141,7 +141,9 @@ def run_lone(module: nn.Module, x: Tensor, plan: frozenset[str]) -> Tensor:
             hook.remove()
 
 
-def _layout(tensor: Tensor) -> torch.memory_format:
+def memory_layout(tensor: Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D NHWC tensor, else ``contiguous_format``: the layout a
+    probe input must share with the inputs it stands for."""
     if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(
             memory_format=torch.channels_last):
         return torch.channels_last

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from grad2.batching import memory_layout
 from grad2.folding import holds_leaves
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class TangentProgram:
 
         def draw() -> Tensor:
             return torch.randn(example.shape, generator=generator, dtype=example.dtype).to(
-                example.device).contiguous(memory_format=_layout(example))
+                example.device).contiguous(memory_format=memory_layout(example))
 
         try:
             paired: set[fx.Node] = set()
@@ -172,13 +173,6 @@ class TangentProgram:
                         differing.add(node)
                 values[node] = reference
         return differing
-
-
-def _layout(tensor: Tensor) -> torch.memory_format:
-    if tensor.ndim == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not (
-            tensor.is_contiguous()):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _same(a: object, b: object) -> bool:
