@@ -57,13 +57,13 @@ def invariant_map(fn: RowFunction, inputs: Sequence[Tensor], sizes: Sequence[int
     return torch.cat(results)
 
 
-def lone_agrees(lone: RowFunction, fn: RowFunction, inputs: Sequence[Tensor],
-                rows: int = 4) -> bool:
-    """Does ``lone`` give each of the first ``rows`` rows of ``inputs`` the bits that ``fn``
-    gives the row as a pair with itself?"""
+def lone_agrees(fn: RowFunction, inputs: Sequence[Tensor], rows: int = 4) -> bool:
+    """Does ``fn`` on one row give each of the first ``rows`` rows of ``inputs`` the bits it
+    gives the row as a pair with itself (so ``fn`` may serve as :func:`invariant_map`'s
+    ``lone``)?"""
     for index in range(min(rows, len(inputs[0]))):
         row = [tensor[index : index + 1] for tensor in inputs]
-        if not torch.equal(lone(*row), _as_pair(fn, row)):
+        if not torch.equal(fn(*row), _as_pair(fn, row)):
             return False
     return True
 

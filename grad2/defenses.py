@@ -87,8 +87,7 @@ class Defense(ABC):
         # show in every row there, while an answer hides them whenever they move no mass.
         self.batch_sizes = probe_sizes(self.network_rows, (x, probs.detach()), max_batch)
         inputs = (x, probs.detach())
-        self.lone = (lone_agrees(self.network_rows, self.network_rows, inputs)
-                     and lone_agrees(self.defend, self.defend, inputs))
+        self.lone = lone_agrees(self.network_rows, inputs) and lone_agrees(self.defend, inputs)
         return self.batch_sizes
 
     def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
