@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,20 @@ def test_wheel_holds_the_serving_files_and_no_tests(wheel: Path) -> None:
     assert "License-Expression: MIT" in text
 
 
-def test_installed_wheel_archives_serves_and_defends(wheel: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def fleet_venv(tmp_path: Path) -> Iterator[Path]:
+    """A fresh virtual environment's path, deleted afterwards (it holds a whole torch:
+    pytest keeps its last three temporary folders, 5 GB each otherwise)."""
     venv = tmp_path / "fleet-venv"
+    try:
+        yield venv
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_installed_wheel_archives_serves_and_defends(wheel: Path, tmp_path: Path,
+                                                     fleet_venv: Path) -> None:
+    venv = fleet_venv
     work = tmp_path / "operator"  # an empty directory, not the checkout
     work.mkdir()
     run([sys.executable, "-m", "venv", str(venv)], cwd=work, env=dict(os.environ))
