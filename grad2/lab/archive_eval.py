@@ -73,10 +73,10 @@ def evaluate_archive(
         served = served_at(0.0)
         spec, class_names = served.input_config, served.class_names
         pool_set = open_images(Path(pool), spec)
-        if budget < len(pool_set) and pool_set.files is not None:
-            pool_set.files = pool_set.files[:: max(1, len(pool_set) // budget)][:budget]
+        if budget < len(pool_set):  # spread over the folder, not its first sub-folders
+            pool_set = pool_set.subset(range(0, len(pool_set), len(pool_set) // budget)[:budget])
         pixels, _ = pool_set.load(progress=progress)
-        pool_inputs = normalise(pixels[:budget].float() / 255.0, spec)
+        pool_inputs = normalise(pixels.float() / 255.0, spec)
         pool_clean = predict_probs(served.victim, pool_inputs)
         test_set = open_images(Path(test), spec, class_names, labelled=True)
         arch = clone_arch or model_spec(served.victim)["arch"]

@@ -293,7 +293,7 @@ def folder_attack(
     Writes ``attack.json``, ``attack.png`` (per-class clone accuracy) and ``clone.pt``
     into ``out``; returns the report."""
     from grad2.config import InputConfig
-    from grad2.lab.images import image_files, open_images
+    from grad2.lab.images import ImageSet, image_files, open_images
     from grad2.lab.train import padding_fill
     from grad2.models import save_checkpoint
     from grad2.serve.codec import normalise
@@ -312,11 +312,10 @@ def folder_attack(
     # The thief decodes its own files at the served size with public code, and picks its
     # own normalisation: its pool's per-channel mean and spread.
     raw = InputConfig.from_dict({**shape, "max_side": 65535})
-    pool_set = open_images(Path(pool), raw)
-    pool_set.files = [chosen[i] for i in answered]
+    pool_set = ImageSet(Path(pool), raw, files=[chosen[i] for i in answered])
     pixels, _ = pool_set.load(progress=progress)
-    kept = [i for i, path in enumerate(pool_set.files)
-            if str(path) not in {s for s, _ in pool_set.skipped}]
+    skipped = {path for path, _ in pool_set.skipped}
+    kept = [i for i, path in enumerate(pool_set.files) if str(path) not in skipped]
     answers = answers[kept] if len(kept) != len(answers) else answers
     unit = pixels.float() / 255.0
     spec = InputConfig.from_dict({

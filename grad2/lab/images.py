@@ -64,6 +64,16 @@ class ImageSet:
     def labelled(self) -> bool:
         return self.labels is not None
 
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        """The images at ``indices`` (positions in this set), as a new set."""
+        positions = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            self.source, self.spec,
+            files=None if self.files is None else [self.files[i] for i in positions],
+            pixels=None if self.pixels is None else self.pixels[positions],
+            labels=None if self.labels is None else self.labels[positions],
+            class_names=list(self.class_names))
+
     def class_counts(self) -> dict[str, int]:
         """Images per class name (labelled sets), zeros included."""
         counts = np.bincount(self.labels, minlength=len(self.class_names))

@@ -450,9 +450,7 @@ def distill_from_archive(
         spec, victim = served.input_config, served.victim
         images = open_images(Path(folder), spec)
         if limit is not None and limit < len(images):
-            images.files = images.files[:limit] if images.files is not None else None
-            if images.pixels is not None:
-                images.pixels = images.pixels[:limit]
+            images = images.subset(range(limit))
         print(images.describe())
         pixels, _ = images.load(progress=progress)
         inputs = normalise(pixels.float() / 255.0, spec)
