@@ -97,7 +97,9 @@ class TangentProgram:
                     continue
                 if node.op == "output":
                     return _split(_lookup(values, node.args[0]))
-                if any(read in batched for read in node.all_input_nodes):
+                # Which values carry the batch matters only to paired nodes: not tracked
+                # on the serving path of a batch (no pairs).
+                if paired and any(read in batched for read in node.all_input_nodes):
                     batched.add(node)
                 if node in paired:
                     values[node] = _run_paired(rule, context, node, values, batched)
