@@ -18,6 +18,11 @@ from grad2.scores import METHODS as SCORE_METHODS
 TARGETS = ("all_ones", "min_ip", "watermark", "random", "file")
 ON_FAILURE = ("reject", "top1")
 OUTPUTS = ("probabilities", "topk")
+#: How ``grad2_gated`` spends the budget of out-of-distribution queries.
+OOD_ANSWERS = ("permute", "redirect")
+#: What a gate scores: the maximum softmax probability, or the Mahalanobis score of the
+#: surrogate's features (``defense.gate_file``).
+GATE_SCORES = ("msp", "features")
 #: Targets read from a tensor file packed in the archive.
 FILE_TARGETS = ("watermark", "file")
 #: The ε grid that tuning and the evaluation sweep by default.
@@ -111,6 +116,19 @@ class DefenseConfig:
     #: Strength and slope of ``reverse_sigmoid``.
     beta: float = 0.7
     gamma: float = 0.4
+    #: Out-of-distribution gate (``grad2_gated``, ``adaptive_misinformation``): queries
+    #: whose ``gate_score`` falls below ``gate_threshold`` count as OOD, with a sigmoid of
+    #: slope ``gate_slope``; ``features`` reads its detector from ``gate_file``.
+    gate_score: str = "msp"
+    gate_threshold: float = 0.9
+    gate_slope: float = 50.0
+    gate_file: str | None = None
+    #: ``grad2_gated``: the extra L1 budget of an OOD query, and how it is spent.
+    epsilon_ood: float = 2.0
+    ood_answer: str = "permute"
+    #: ``grad2_gated`` with ``permute``: the archive's file holding the secret key of the
+    #: class mapping (kept out of this public config).
+    mapping_key: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> DefenseConfig:
@@ -137,6 +155,14 @@ class DefenseConfig:
             decimals=_integer(section, "decimals", merged["decimals"], 0, 8),
             beta=_number(section, "beta", merged["beta"], 0.0, 1e6),
             gamma=_number(section, "gamma", merged["gamma"], 1e-6, 1e6),
+            gate_score=_choice(section, "gate_score", merged["gate_score"], GATE_SCORES),
+            gate_threshold=_number(section, "gate_threshold", merged["gate_threshold"],
+                                   -1e12, 1e12),
+            gate_file=_optional_name(section, "gate_file", merged["gate_file"]),
+            gate_slope=_number(section, "gate_slope", merged["gate_slope"], 1e-3, 1e6),
+            epsilon_ood=_number(section, "epsilon_ood", merged["epsilon_ood"], 0.0, 2.0),
+            ood_answer=_choice(section, "ood_answer", merged["ood_answer"], OOD_ANSWERS),
+            mapping_key=_optional_name(section, "mapping_key", merged["mapping_key"]),
         )
         config._check_combination()
         return config
@@ -154,17 +180,47 @@ class DefenseConfig:
                 f"method {self.method} cannot keep the top-1 label{hint}; "
                 f"methods that can: {', '.join(capable)}",
             )
-        if self.method == "grad2" and self.target in FILE_TARGETS and self.target_file is None:
+        uses_key = defense_classes()[self.method].keyed and self.ood_answer == "permute"
+        if uses_key and self.mapping_key is None:
+            raise ConfigError("defense.mapping_key",
+                              "ood_answer permute needs the file of its secret key "
+                              "(grad2 keygen writes one; grad2 archive --mapping-key packs it)")
+        if self.mapping_key is not None and not uses_key:
+            raise ConfigError("defense.mapping_key",
+                              "only used by method grad2_gated with ood_answer permute; remove it")
+        method = defense_classes()[self.method]
+        if self.gate_score == "msp" and method.gated and not 0 <= self.gate_threshold <= 1:
+            raise ConfigError("defense.gate_threshold",
+                              f"a maximum softmax probability threshold lies in [0, 1], got "
+                              f"{self.gate_threshold}")
+        if self.gate_score == "features" and not method.feature_gate:
+            capable = [name for name, cls in defense_classes().items() if cls.feature_gate]
+            raise ConfigError("defense.gate_score",
+                              f"method {self.method} gates on msp only; features: "
+                              f"{', '.join(capable)}")
+        if (self.gate_score == "features") != (self.gate_file is not None):
+            raise ConfigError("defense.gate_file",
+                              "gate_score features needs a gate_file (grad2 gate writes one), "
+                              "and only it uses one")
+        if self.method == "grad2_gated" and self.target == "min_ip":
+            raise ConfigError("defense.target", "grad2_gated needs a fixed target, not min_ip")
+        if self.uses_target_file and self.target in FILE_TARGETS and self.target_file is None:
             raise ConfigError(
                 "defense.target_file", f"target {self.target} needs a tensor file in the archive"
             )
         if self.target_file is not None and (
-            self.method != "grad2" or self.target not in FILE_TARGETS
+            not self.uses_target_file or self.target not in FILE_TARGETS
         ):
             raise ConfigError(
                 "defense.target_file",
-                "only used by method grad2 with target watermark or file; remove it",
+                "only used by methods grad2 and grad2_gated with target watermark or file; "
+                "remove it",
             )
+
+    @property
+    def uses_target_file(self) -> bool:
+        """Whether this method reads ``target``/``target_file`` (the GRAD² methods)."""
+        return defense_classes()[self.method].takes_target
 
     @property
     def needs_surrogate(self) -> bool:

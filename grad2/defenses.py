@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from grad2 import targets
+from grad2 import gate, targets
 from grad2.batching import invariant_map, lone_agrees, probe_sizes
 from grad2.config import ConfigError, DefenseConfig
 from grad2.redirect import redirect, separate_top
@@ -45,6 +45,14 @@ class Defense(ABC):
     needs_surrogate: ClassVar[bool] = False
     #: Whether its answers can keep the clean top-1 label (``defense.preserve_top1``).
     can_keep_top1: ClassVar[bool] = False
+    #: Whether it follows a target direction (``defense.target``/``target_file``).
+    takes_target: ClassVar[bool] = False
+    #: Whether an OOD gate sets its strength (``defense.gate_*``), whether that gate may
+    #: read a feature detector (``gate_score: features``), and whether it moves OOD answers
+    #: by a keyed class mapping (``defense.mapping_key``).
+    gated: ClassVar[bool] = False
+    feature_gate: ClassVar[bool] = False
+    keyed: ClassVar[bool] = False
     #: Whether each answer is a function of its own row, computed by a network whose CPU
     #: kernels depend on the batch size (:meth:`network_rows`): then :meth:`plan_batches`
     #: applies.
@@ -101,9 +109,12 @@ class Defense(ABC):
 
     @classmethod
     def from_config(
-        cls, config: DefenseConfig, surrogate: nn.Module | None, target: Target | None
+        cls, config: DefenseConfig, surrogate: nn.Module | None, target: Target | None,
+        key: bytes | None = None, gate_tensors: Mapping[str, Tensor] | None = None,
     ) -> Defense:
-        """Build from a validated ``defense:`` section (default: no parameters)."""
+        """Build from a validated ``defense:`` section (default: no parameters); ``key``
+        is the secret of ``defense.mapping_key`` and ``gate_tensors`` the feature gate of
+        ``defense.gate_file``, for the methods that use them."""
         return cls()
 
     def __repr__(self) -> str:
@@ -153,7 +164,7 @@ class Rounding(Defense):
         self.decimals = decimals
 
     @classmethod
-    def from_config(cls, config, surrogate, target) -> Rounding:
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> Rounding:
         return cls(config.decimals)
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
@@ -173,7 +184,7 @@ class ReverseSigmoid(Defense):
         self.beta, self.gamma = float(beta), float(gamma)
 
     @classmethod
-    def from_config(cls, config, surrogate, target) -> ReverseSigmoid:
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> ReverseSigmoid:
         return cls(config.beta, config.gamma)
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
@@ -248,6 +259,7 @@ class GRAD2(Redirection):
 
     method = "grad2"
     needs_surrogate = True
+    takes_target = True
 
     def __init__(
         self,
@@ -279,7 +291,7 @@ class GRAD2(Redirection):
                              f"known: {', '.join(SCORE_METHODS)}")
 
     @classmethod
-    def from_config(cls, config, surrogate, target) -> GRAD2:
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> GRAD2:
         if config.target == "random":
             target = targets.random(surrogate, config.seed)
         elif config.target in ("all_ones", "min_ip"):
@@ -312,6 +324,198 @@ class GRAD2(Redirection):
         return self.scores(x, probs)
 
 
+class GatedGRAD2(GRAD2):
+    """GRAD² with a per-query budget from an out-of-distribution gate.
+
+    ``α(x) = sigmoid(ν (τ − s(x)))`` (:func:`grad2.gate.gate_weight`) splits the budget, with
+    ``s`` the victim's maximum softmax probability or, given ``gate_tensors``, the
+    Mahalanobis score of the surrogate's penultimate features
+    (:func:`grad2.gate.feature_score`):
+    ``ε (1 − α)`` of gradient redirection for every query and, on top, ``ε_ood α`` spent
+    by ``ood_answer``:
+
+    - ``"permute"``: the redirected row moves toward its relabelling by a keyed class
+      permutation ``σ`` without fixed points (:func:`grad2.gate.permuted_mix`): an OOD
+      answer becomes a natural-looking vector under other class names, and a clone
+      trained on it inherits ``σ`` (what ``grad2 verify`` tests).
+    - ``"redirect"``: the whole budget ``ε (1 − α) + ε_ood α`` goes to the redirection LP,
+      label flips allowed (the target chooses where the mass goes).
+
+    The achieved L1 never exceeds ``ε (1 − α) + ε_ood α``. Every step is a function of
+    the row alone, so answers keep the bits of :class:`GRAD2`'s batch plans.
+
+    Args:
+        surrogate, epsilon, target, score_method, preserve_top1: as :class:`GRAD2`
+            (``preserve_top1`` applies to the redirection of in-distribution queries).
+        epsilon_ood: the extra L1 budget of a fully gated query, in ``[0, 2]``.
+        threshold: ``τ``, the score below which a query counts as OOD (calibrate it on
+            in-distribution validation images).
+        slope: ``ν > 0``, the sharpness of the gate.
+        ood_answer: ``"permute"`` or ``"redirect"``.
+        mapping: ``[K]`` permutation without fixed points (needed by ``"permute"``).
+        gate_tensors: ``{means [K, D], precision [D, D]}`` of
+            :func:`grad2.gate.fit_feature_gate` on the surrogate's features; ``None``: the
+            maximum softmax probability.
+    """
+
+    method = "grad2_gated"
+    gated = feature_gate = keyed = True
+    OOD_ANSWERS: ClassVar[tuple[str, ...]] = ("permute", "redirect")
+
+    def __init__(
+        self,
+        surrogate: nn.Module,
+        epsilon: float,
+        epsilon_ood: float,
+        threshold: float,
+        slope: float,
+        ood_answer: str = "permute",
+        mapping: Tensor | None = None,
+        target: str | Target = "all_ones",
+        score_method: str = "jvp",
+        preserve_top1: bool = False,
+        gate_tensors: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        super().__init__(surrogate, epsilon, target, score_method, preserve_top1)
+        if target == "min_ip":
+            raise ValueError("a gated defense needs a fixed target, not min_ip")
+        self.epsilon_ood = _check_epsilon(epsilon_ood)
+        self.threshold, self.slope = _check_gate(threshold, slope, gate_tensors is None)
+        if gate_tensors is not None:
+            gate_tensors = dict(gate_tensors)
+            gate.check_feature_gate(gate_tensors, _last_linear(surrogate).in_features)
+        self.gate_tensors = gate_tensors
+        if ood_answer not in self.OOD_ANSWERS:
+            raise ValueError(f"ood_answer must be one of {', '.join(self.OOD_ANSWERS)}, "
+                             f"got {ood_answer!r}")
+        self.ood_answer = ood_answer
+        if ood_answer == "permute":
+            if mapping is None:
+                raise ValueError("ood_answer permute needs a class mapping (a mapping key)")
+            mapping = torch.as_tensor(mapping, dtype=torch.int64)
+            size = mapping.numel()
+            if (mapping.ndim != 1 or not torch.equal(mapping.sort().values, torch.arange(size))
+                    or (mapping == torch.arange(size)).any()):
+                raise ValueError("mapping must be a permutation of 0..K-1 without fixed points")
+        self.mapping = mapping
+
+    @classmethod
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None
+                    ) -> GatedGRAD2:
+        base = GRAD2.from_config(config, surrogate, target)
+        mapping = None
+        if config.ood_answer == "permute":
+            if key is None:
+                raise ConfigError("defense.mapping_key", "ood_answer permute needs a key file")
+            with torch.no_grad():
+                num_classes = _output_size(surrogate)
+            mapping = gate.keyed_mapping(key, num_classes)
+        try:
+            return cls(surrogate, config.epsilon, config.epsilon_ood, config.gate_threshold,
+                       config.gate_slope, config.ood_answer, mapping,
+                       base.target if base.target is not None else base.target_name,
+                       config.scores, config.preserve_top1, gate_tensors)
+        except ValueError as error:
+            raise ConfigError("defense.gate_file" if gate_tensors is not None
+                              else "defense.ood_answer", str(error)) from error
+
+    def gate_scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        """``[B]`` in-distribution scores ``s(x)`` (low = likely OOD)."""
+        if self.gate_tensors is None:
+            return gate.max_softmax(probs)
+        features = gate.penultimate(self.surrogate, x)
+        return gate.feature_score(features, self.gate_tensors).to(probs.dtype)
+
+    def gate_weights(self, x: Tensor, probs: Tensor) -> Tensor:
+        """``[B]`` gate ``α(x)`` in ``[0, 1]`` (1: treated as OOD)."""
+        weight = gate.gate_weight(self.gate_scores(x, probs), self.threshold, self.slope)
+        return weight.to(probs.dtype)
+
+    def budgets(self, x: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """``([B], [B])``: each query's redirection budget and its OOD budget."""
+        weight = self.gate_weights(x, probs)
+        return self.epsilon * (1 - weight), self.epsilon_ood * weight
+
+    def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
+        return torch.cat([self.scores(x, probs), self.gate_scores(x, probs).unsqueeze(1)], 1)
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        inside, outside = self.budgets(x, probs)
+        scores = self.scores(x, probs)
+        if self.ood_answer == "redirect":
+            return solve_answers(probs, scores, (inside + outside).clamp(0, 2),
+                                 self.preserve_top1)
+        redirected = solve_answers(probs, scores, inside, self.preserve_top1)
+        return gate.permuted_mix(redirected, self.mapping, outside)
+
+
+class AdaptiveMisinformation(Defense):
+    """Adaptive Misinformation (Kariyappa and Qureshi, CVPR 2020).
+
+    ``ỹ = (1 − α) y + α softmax(m(x))`` with the gate ``α = sigmoid(ν (τ − max_k y_k))``
+    and ``m`` a *misinformation* network trained to put little mass on the true class
+    (:func:`grad2.lab.train.train_misinformation`). Served with the network in
+    ``defense.surrogate`` and ``τ``, ``ν`` in ``defense.gate_threshold``/``gate_slope``.
+    """
+
+    method = "adaptive_misinformation"
+    needs_surrogate = True
+    gated = True
+    plans_batches = True
+
+    def __init__(self, misinformation: nn.Module, threshold: float, slope: float) -> None:
+        if not isinstance(misinformation, nn.Module):
+            raise ValueError("adaptive misinformation needs a misinformation nn.Module")
+        self.misinformation = misinformation.eval()
+        self.threshold, self.slope = _check_gate(threshold, slope)
+
+    @classmethod
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None
+                    ) -> AdaptiveMisinformation:
+        return cls(surrogate, config.gate_threshold, config.gate_slope)
+
+    def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.misinformation(x)
+
+    def defend(self, x: Tensor, probs: Tensor) -> Tensor:
+        logits = self.network_rows(x, probs)
+        if logits.shape != probs.shape:
+            raise ValueError(f"misinformation network gives {logits.shape[-1]} classes, "
+                             f"the victim {probs.shape[-1]}")
+        weight = gate.ood_weight(probs, self.threshold, self.slope).to(probs.dtype)
+        return torch.lerp(probs, torch.softmax(logits.to(probs.dtype), dim=1),
+                          weight.unsqueeze(1))
+
+
+def _check_gate(threshold: float, slope: float, probability: bool = True
+                ) -> tuple[float, float]:
+    threshold, slope = float(threshold), float(slope)
+    if probability and not 0 <= threshold <= 1:
+        raise ValueError(f"gate threshold must lie in [0, 1], got {threshold}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"gate threshold must be finite, got {threshold}")
+    if not (slope > 0 and math.isfinite(slope)):
+        raise ValueError(f"gate slope must be a finite number > 0, got {slope}")
+    return threshold, slope
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("the network has no nn.Linear layer")
+    return linear[-1]
+
+
+def _output_size(model: nn.Module) -> int:
+    """The class count of a classifier: its last ``nn.Linear``'s output size."""
+    try:
+        return _last_linear(model).out_features
+    except ValueError:
+        raise ConfigError("defense.surrogate", "cannot tell the class count: no nn.Linear"
+                          ) from None
+
+
 def push_scores(probs: Tensor, receivers: Tensor) -> Tensor:
     """Scores that send the budget to ``receivers`` ``[B]``, taken from the likeliest first."""
     return (-probs).scatter(1, receivers.unsqueeze(1), 2.0)
@@ -328,7 +532,7 @@ class RandomNoise(Redirection):
         self._generator = torch.Generator().manual_seed(seed)
 
     @classmethod
-    def from_config(cls, config, surrogate, target) -> RandomNoise:
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> RandomNoise:
         return cls(config.epsilon, config.seed, config.preserve_top1)
 
     def scores(self, x: Tensor, probs: Tensor) -> Tensor:
@@ -372,7 +576,7 @@ class MAD(Defense):
         self.last_layer = _last_linear_names(surrogate)
 
     @classmethod
-    def from_config(cls, config, surrogate, target) -> MAD:
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> MAD:
         return cls(surrogate, config.epsilon)
 
     def last_layer_jacobian(self, x: Tensor) -> Tensor:
@@ -487,7 +691,8 @@ def _last_linear_names(model: nn.Module) -> list[str]:
 #: The served methods: ``defense.method`` name -> class.
 DEFENSES: dict[str, type[Defense]] = {
     cls.method: cls
-    for cls in (NoDefense, Top1, Rounding, ReverseSigmoid, GRAD2, RandomNoise, MAD, MADArgmax)
+    for cls in (NoDefense, Top1, Rounding, ReverseSigmoid, GRAD2, GatedGRAD2, RandomNoise, MAD,
+                MADArgmax, AdaptiveMisinformation)
 }
 
 
@@ -495,13 +700,19 @@ def build_defense(
     config: DefenseConfig | Mapping,
     surrogate: nn.Module | None = None,
     target: Target | None = None,
+    key: bytes | None = None,
+    gate_tensors: Mapping[str, Tensor] | None = None,
 ) -> Defense:
     """Build the defense a ``defense:`` section names.
 
     Args:
         config: a :class:`DefenseConfig` or the raw mapping (validated here).
-        surrogate: the surrogate network, for ``grad2``, ``mad`` and ``mad_argmax``.
+        surrogate: the defense's network: the surrogate of ``grad2``, ``grad2_gated``,
+            ``mad`` and ``mad_argmax``, the misinformation model of
+            ``adaptive_misinformation``.
         target: the tensor dict of a ``watermark`` or ``file`` target.
+        key: the secret of ``defense.mapping_key`` (``grad2_gated`` with ``permute``).
+        gate_tensors: the feature gate of ``defense.gate_file`` (``gate_score: features``).
 
     Raises:
         ConfigError: naming the key, when the section or the objects do not fit.
@@ -510,4 +721,4 @@ def build_defense(
         config = DefenseConfig.from_dict(config)
     if config.needs_surrogate and surrogate is None:
         raise ConfigError("defense.surrogate", f"method {config.method} needs a surrogate model")
-    return DEFENSES[config.method].from_config(config, surrogate, target)
+    return DEFENSES[config.method].from_config(config, surrogate, target, key, gate_tensors)

@@ -76,6 +76,22 @@ BAD_DEFENSE_VALUES = [
     ({"target": "watermark", "target_file": "a/b.pt"}, "defense.target_file"),
     ({"target": "all_ones", "target_file": "t.pt"}, "defense.target_file"),  # not used
     ({"method": "mad", "target": "watermark", "target_file": "t.pt"}, "defense.target_file"),
+    ({"method": "grad2_gated"}, "defense.mapping_key"),  # permute needs its key
+    ({"method": "grad2_gated", "ood_answer": "redirect", "mapping_key": "k"},
+     "defense.mapping_key"),
+    ({"method": "grad2", "mapping_key": "k"}, "defense.mapping_key"),
+    ({"method": "grad2_gated", "ood_answer": "flip", "mapping_key": "k"}, "defense.ood_answer"),
+    ({"method": "grad2_gated", "mapping_key": "k", "epsilon_ood": 2.5}, "defense.epsilon_ood"),
+    ({"method": "grad2_gated", "mapping_key": "k", "gate_score": "features"},
+     "defense.gate_file"),
+    ({"method": "grad2_gated", "mapping_key": "k", "gate_file": "g.pt"}, "defense.gate_file"),
+    ({"method": "grad2_gated", "mapping_key": "k", "gate_threshold": 1.5},
+     "defense.gate_threshold"),  # an msp threshold is a probability
+    ({"method": "grad2_gated", "mapping_key": "k", "gate_slope": 0}, "defense.gate_slope"),
+    ({"method": "grad2_gated", "mapping_key": "k", "target": "min_ip"}, "defense.target"),
+    ({"method": "adaptive_misinformation", "gate_score": "features", "gate_file": "g.pt"},
+     "defense.gate_score"),
+    ({"method": "adaptive_misinformation", "surrogate": None}, "defense.surrogate"),
 ]
 
 
@@ -170,6 +186,8 @@ def test_config_accepts_exactly_the_registry_and_its_capabilities():
     the defense classes (one list): every registered method validates, others do not."""
     for name, cls in DEFENSES.items():
         raw = {"method": name, "surrogate": "s.pt" if cls.needs_surrogate else None}
+        if cls.keyed:
+            raw["mapping_key"] = "mapping.key"
         config = DefenseConfig.from_dict(raw)
         assert config.needs_surrogate == cls.needs_surrogate
         assert config.budgeted == cls.budgeted

@@ -176,6 +176,7 @@ def distill(
     weight_decay: float = 5e-4,
     on_epoch_end: Callable[[int, float], None] | None = None,
     fill: float = BLACK,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``inputs [N, C, H, W]`` (normalised floats) against
     ``targets [N, K]`` (probability vectors) and return it in eval mode.
@@ -188,6 +189,7 @@ def distill(
     (the last partial batch of each epoch is dropped) unless ``N < batch_size``.
     ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. ``fill`` is the
     normalised value random-crop padding fills in (default: a black Fashion-MNIST pixel).
+    ``loss(logits, targets)`` replaces both losses when given.
     """
     if inputs.ndim != 4 or targets.ndim != 2 or len(inputs) != len(targets):
         raise ValueError(f"expected inputs [N, C, H, W] and targets [N, K], got "
@@ -219,18 +221,20 @@ def distill(
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(lr, step, total_steps)
             logits = model(batch.to(device))
-            if labels is not None:
-                loss = F.cross_entropy(logits, labels[chosen].to(device))
+            if loss is not None:
+                value = loss(logits, targets[chosen].to(device))
+            elif labels is not None:
+                value = F.cross_entropy(logits, labels[chosen].to(device))
             else:
-                loss = soft_cross_entropy(logits, targets[chosen].to(device))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}, "
-                                   f"step {index}; lower the learning rate (now {lr})")
+                value = soft_cross_entropy(logits, targets[chosen].to(device))
+            if not torch.isfinite(value):
+                raise RuntimeError(f"training diverged (loss {value.item()}) at epoch "
+                                   f"{epoch + 1}, step {index}; lower the learning rate (now {lr})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             optimizer.step()
             step += 1
-            running += loss.item() * len(chosen)
+            running += value.item() * len(chosen)
             seen += len(chosen)
             bar.set_postfix(loss=f"{running / seen:.3f}")
         bar.close()
@@ -301,6 +305,28 @@ def train_clone(
     return distill(model, pool_inputs, answers, epochs, planned_epochs=planned_epochs, lr=lr,
                    seed=seed, hard_labels=hard_labels, progress=progress, device=device,
                    fill=fill)
+
+
+def misinformation_loss(logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+    """Adaptive Misinformation's objective: mean ``−log(1 − p_y)``, small when the model
+    puts little mass on the true class ``y`` (``one_hot [B, K]``); computed from logits as
+    ``logsumexp(z) − logsumexp(z without y)``."""
+    others = logits.masked_fill(one_hot.bool(), -torch.inf)
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)).mean()
+
+
+def train_misinformation(
+    inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, arch: str = VICTIM_ARCH,
+    epochs: int = 3, seed: int = 0, progress: bool = True, device: str = "cpu",
+) -> nn.Module:
+    """Adaptive Misinformation's misinformation network: a fresh ``arch`` trained on the
+    defender's labelled images ``inputs [N, C, H, W]``, ``labels [N]`` to minimise
+    :func:`misinformation_loss` (its answers put little mass on the true class)."""
+    set_seed(seed)
+    model = build_model(arch, num_classes=num_classes, in_channels=inputs.shape[1])
+    one_hot = F.one_hot(labels.long(), num_classes).float()
+    return distill(model, inputs, one_hot, epochs, lr=0.05, seed=seed, progress=progress,
+                   device=device, loss=misinformation_loss)
 
 
 def check_input_size(model: nn.Module, shape: tuple[int, ...], arch: str) -> None:

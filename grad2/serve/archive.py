@@ -90,10 +90,14 @@ def stage_archive_files(
     surrogate: Path | None = None,
     target: Path | None = None,
     index_to_name: Path | None = None,
+    mapping_key: Path | None = None,
+    gate_file: Path | None = None,
 ) -> dict[str, Any]:
     """Copy the archive's files into ``staging`` under the names the handler reads
     (``victim.pt``/``.json``, ``defense.surrogate`` and its ``.json``,
-    ``defense.target_file``, ``index_to_name.json``, ``model-config.yaml``).
+    ``defense.target_file``, ``defense.mapping_key``, ``defense.gate_file``,
+    ``index_to_name.json``,
+    ``model-config.yaml``).
     Returns the parsed ``model-config.yaml``."""
     raw = read_model_config(Path(config_path))
     defense, _ = check_model_config(raw)
@@ -129,6 +133,16 @@ def stage_archive_files(
         raise ConfigError(
             "defense.target_file", "is not set, but --target was given; name the file there"
         )
+    for key, name, given, flag in (
+        ("defense.mapping_key", defense.mapping_key, mapping_key, "--mapping-key"),
+        ("defense.gate_file", defense.gate_file, gate_file, "--gate-file"),
+    ):
+        if name is not None:
+            if given is None:
+                raise ConfigError(key, f"names {name}: pass it with {flag}")
+            add(name, Path(given), key)
+        elif given is not None:
+            raise ConfigError(key, f"is not set, but {flag} was given; name the file there")
     if index_to_name is not None:
         add(INDEX_TO_NAME_FILE, Path(index_to_name), "index_to_name")
     staging.mkdir(parents=True, exist_ok=True)
@@ -177,6 +191,8 @@ def build_archive(
     force: bool = False,
     handler: Path = DEFAULT_HANDLER,
     archive_name: str | None = None,
+    mapping_key: Path | None = None,
+    gate_file: Path | None = None,
 ) -> Path:
     """Validate, then pack a ``.mar`` with ``torch-model-archiver``.
 
@@ -205,7 +221,7 @@ def build_archive(
     with tempfile.TemporaryDirectory(prefix=".grad2-archive-", dir=export_path) as work:
         staging = Path(work) / "files"
         raw = stage_archive_files(staging, Path(config), Path(victim), surrogate, target,
-                                  index_to_name)
+                                  index_to_name, mapping_key, gate_file)
         smoke_test(staging, raw)
         extras = sorted(
             str(path) for path in staging.iterdir()
@@ -278,21 +294,27 @@ class Archive:
 
     def rebuild(self, version: str, config: Path, export_path: Path,
                 surrogate: Path | None = None, target: Path | None = None,
-                archive_name: str | None = None, force: bool = False) -> Path:
+                archive_name: str | None = None, force: bool = False,
+                mapping_key: Path | None = None, gate_file: Path | None = None) -> Path:
         """A new version of this model: the same victim and class names, ``config`` as its
-        ``model-config.yaml``, and this archive's surrogate and target files unless others
-        are given (those the new config does not use are left out)."""
+        ``model-config.yaml``, and this archive's surrogate, target, mapping key and gate files
+        unless others are given (those the new config does not use are left out)."""
         raw = read_model_config(Path(config))
         defense = DefenseConfig.from_dict(raw.get("defense"))
         if surrogate is None and defense.needs_surrogate:
             surrogate = self.file(defense.surrogate)
         if target is None and defense.target_file is not None:
             target = self.file(defense.target_file)
+        if mapping_key is None and defense.mapping_key is not None:
+            mapping_key = self.file(defense.mapping_key)
+        if gate_file is None and defense.gate_file is not None:
+            gate_file = self.file(defense.gate_file)
         return build_archive(
             name=self.name, version=version, victim=self.victim_file, config=Path(config),
             export_path=export_path, surrogate=surrogate, target=target,
             index_to_name=self.file(INDEX_TO_NAME_FILE),
             archive_name=archive_name or f"{self.name}_v{version}", force=force,
+            mapping_key=mapping_key, gate_file=gate_file,
         )
 
 

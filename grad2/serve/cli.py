@@ -31,12 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     archive.add_argument("--victim", required=True, type=Path,
                          help="victim state_dict .pt (with its .json metadata beside it)")
     archive.add_argument("--surrogate", type=Path,
-                         help="surrogate state_dict .pt (with .json); needed by grad2/mad")
+                         help="the defense's network .pt (with .json): the surrogate of "
+                         "grad2/grad2_gated/mad, the misinformation model of "
+                         "adaptive_misinformation")
     archive.add_argument(
         "--config", required=True, type=_model_config,
         help="model-config.yaml, or the name of a shipped example "
         f"({', '.join(model_config_names())}) to start from")
     archive.add_argument("--target", type=Path, help="target tensor file (defense.target_file)")
+    archive.add_argument("--mapping-key", type=Path,
+                         help="secret key file of the class mapping (defense.mapping_key; "
+                         "grad2 keygen writes one)")
+    archive.add_argument("--gate-file", type=Path,
+                         help="feature gate tensor file (defense.gate_file; grad2 gate writes "
+                         "one)")
     archive.add_argument("--index-to-name", type=Path, help="index_to_name.json class names")
     archive.add_argument("--export-path", type=Path, default=DEFAULT_MODEL_STORE,
                          help="model store to write NAME.mar into (default: model_store)")
@@ -97,6 +105,8 @@ def _archive_command(args: argparse.Namespace) -> int:
         force=args.force,
         handler=args.handler,
         archive_name=args.archive_name,
+        mapping_key=args.mapping_key,
+        gate_file=args.gate_file,
     )
     print(f"wrote {path}")
     return 0

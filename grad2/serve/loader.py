@@ -159,7 +159,34 @@ def load_served_model(
         except (ValueError, KeyError, RuntimeError) as error:
             raise ConfigError("defense.target_file", str(error)) from None
 
-    defense = build_defense(defense_config, surrogate=surrogate, target=target)
+    key = None
+    if defense_config.mapping_key is not None:
+        from grad2.gate import read_key
+
+        key_path = model_dir / defense_config.mapping_key
+        if not key_path.is_file():
+            raise ConfigError(
+                "defense.mapping_key", f"{defense_config.mapping_key} is not in the archive"
+            )
+        try:
+            key = read_key(key_path)
+        except (ValueError, OSError) as error:
+            raise ConfigError("defense.mapping_key", str(error)) from None
+
+    gate_tensors = None
+    if defense_config.gate_file is not None:
+        gate_path = model_dir / defense_config.gate_file
+        if not gate_path.is_file():
+            raise ConfigError(
+                "defense.gate_file", f"{defense_config.gate_file} is not in the archive"
+            )
+        try:
+            gate_tensors = torch.load(gate_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and torch errors all mean "not a gate"
+            raise ConfigError("defense.gate_file", f"{gate_path.name}: {error}") from None
+
+    defense = build_defense(defense_config, surrogate=surrogate, target=target, key=key,
+                            gate_tensors=gate_tensors)
     class_names = read_class_names(model_dir / INDEX_TO_NAME_FILE, num_classes)
     return ServedModel(
         victim=victim,
