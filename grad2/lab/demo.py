@@ -1,11 +1,15 @@
 """``make demo``: the whole product at work on this machine.
 
-Trains (or loads from the cache) the Fashion-MNIST victim and its early-stopped
-surrogate, tunes epsilon on a held-out validation split, archives version 1.0 (no
-defense) and version 2.0 (GRAD² with the misdirection target, tuned epsilon) of one model,
-serves both on TorchServe with token authorization on, shows undefended and defended
-answers side by side, runs a live thief against each version through the standard
-inference API, prints and plots the outcome, and stops the server.
+Trains (or loads from the cache) the Fashion-MNIST victim; fits the defender's parts on
+defender-side data only (an early-stopped surrogate distilled on 10,000 of the victim's
+training images, the surrogate's feature gate, its threshold calibrated on half of the
+test split for an accuracy drop of at most 0.8 point there; :class:`grad2.lab.ood.Defender`)
+and writes a fresh secret mapping key; archives version 1.0 (no defense) and version 2.0
+(``grad2_gated``: small redirection in distribution, keyed relabelling of OOD queries);
+serves both on TorchServe with token authorization on; shows answers side by side; runs a
+live thief against each version through the standard inference API (Animal-MNIST
+queries, soft and labels-only clones, two seeds each); tests the stolen clones and two
+innocent models for the secret mapping with ``verify``; prints, plots and stops the server.
 """
 
 from __future__ import annotations
@@ -15,35 +19,40 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from grad2.config import EPSILON_GRID
-from grad2.defenses import GRAD2
-from grad2.lab.attack import APIClient, live_attack
+from grad2 import gate
+from grad2.lab import ood
+from grad2.lab.attack import APIClient
 from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
 from grad2.lab.evaluate import Lab
-from grad2.lab.train import predict_probs, set_threads
-from grad2.lab.tune import pick_epsilon, print_table, sweep_epsilon
+from grad2.lab.ownership import verify_suspect
+from grad2.lab.train import set_threads, train_clone
+from grad2.models import save_checkpoint
 from grad2.serve import Ports, build_archive, start_server, stop_server
 from grad2.serve.templates import template_path
 
 MODEL = "fashion"
-VERSIONS = {"1.0": "none", "2.0": "grad2"}
-TUNE_GRID = EPSILON_GRID[::2]  # 0, 0.2, ..., 1.0: a few minutes on 2 cores
+VERSIONS = {"1.0": "none", "2.0": "grad2_gated"}
+THIEVES = ("soft", "labels")
+SEEDS = (0, 1)
 
 
 def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def _write_config(template: str, path: Path, epsilon: float | None,
-                  target_file: str | None = None) -> Path:
-    raw = yaml.safe_load(template_path(f"model-configs/{template}").read_text())
-    if epsilon is not None:
-        raw["defense"]["epsilon"] = epsilon
-    if target_file is not None:
-        raw["defense"]["target"], raw["defense"]["target_file"] = "file", target_file
+def _gated_config(path: Path, defender: ood.Defender) -> Path:
+    raw = yaml.safe_load(template_path("model-configs/grad2_gated.yaml").read_text())
+    raw["defense"].update({
+        "epsilon": ood.GATED_EPSILON, "epsilon_ood": ood.GATED_EPSILON_OOD,
+        "surrogate": "surrogate_defender.pt", "gate_file": "gate.pt",
+        "mapping_key": "mapping.key",
+        "gate_threshold": float(defender.knobs["grad2_gated_permute"]),
+        "gate_slope": float(defender.feature_slope),
+    })
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -51,98 +60,152 @@ def _write_config(template: str, path: Path, epsilon: float | None,
 def _side_by_side(answers: dict[str, list[dict[str, float]]], labels: list[str]) -> str:
     lines = []
     for index, label in enumerate(labels):
-        lines.append(f"image {index} (true: {label})")
+        lines.append(f"image {index} ({label})")
         for version, rows in answers.items():
             top = sorted(rows[index].items(), key=lambda item: -item[1])[:3]
             shown = ", ".join(f"{name} {prob:.3f}" for name, prob in top)
-            lines.append(f"   v{version} ({VERSIONS[version]:>5}): {shown}")
+            lines.append(f"   v{version} ({VERSIONS[version]:>11}): {shown}")
     return "\n".join(lines)
 
 
-def run_demo(out: Path, budget: int, clone_epochs: int, max_drop: float) -> dict:
+def _spread(values: list[float]) -> str:
+    return f"{100 * np.mean(values):5.1f} ({', '.join(f'{100 * v:.1f}' for v in values)})"
+
+
+def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    _say("1/6 victim and surrogate (trained once, then cached)")
+    _say("1/7 victim and the defender's parts (trained once, then cached)")
     lab = Lab(cache_dir() / "eval")
-    surrogate = lab.surrogate("animal")
-    # The misdirection target (clones pushed toward the labelling k -> k+1), the GRAD²
-    # target that met the evaluation's goals (docs/results.md); computed once, cached.
-    target = lab.misdirect_target("animal")
-    target_path = lab.misdirect_path("animal")
+    key_path = out / "secret" / "mapping.key"
+    if not key_path.exists():
+        gate.write_key(key_path)
+    defender = ood.Defender(lab, key=gate.read_key(key_path), names=("grad2_gated_permute",))
     print(f"victim test accuracy: {100 * lab.victim_accuracy:.2f}%")
+    print(f"secret mapping key: {key_path} (kept out of model-config.yaml; the archive packs "
+          "it for the worker)")
 
-    _say(f"2/6 tuning epsilon on 2,000 held-out images (accuracy drop <= {max_drop:g} pt)")
-    validation = thief_pool("fashion_heldout", size=2000, seed=1)
-    val_inputs = to_tensor(validation.images)
-    points = sweep_epsilon(
-        lambda eps: GRAD2(surrogate, eps, target), val_inputs,
-        torch.from_numpy(validation.labels),
-        predict_probs(lab.victim, val_inputs), TUNE_GRID,
-    )
-    chosen = pick_epsilon(points, max_drop)
-    print(print_table(points, chosen))
+    _say("2/7 the gate, fitted and calibrated on defender-side images only")
+    threshold = defender.knobs["grad2_gated_permute"]
+    validation = defender.lab.test_inputs[defender.validation]
+    flagged = (defender.gate_scores(validation) < threshold).float().mean().item()
+    print(f"feature gate on the surrogate's features, fitted on {len(defender.fit_images):,} "
+          f"of the victim's training images; threshold {threshold:.1f} flags "
+          f"{100 * flagged:.1f}% of {len(validation):,} validation images (Fashion-MNIST test "
+          f"1-5,000), the largest share whose accuracy drop there is <= "
+          f"{ood.VALIDATION_DROP:g} point")
+    gate_path = out / "gate.pt"
+    torch.save(defender.feature_gate, gate_path)
 
-    _say("3/6 archiving fashion 1.0 (no defense) and 2.0 (GRAD² misdirection, tuned epsilon)")
+    _say("3/7 archiving fashion 1.0 (no defense) and 2.0 (grad2_gated, keyed mapping)")
     store = out / "model_store"
     models_dir = lab.folder / "models"
     names = out / "index_to_name.json"
     names.write_text(json.dumps(dict(enumerate(lab.test.class_names))))
-    specs = []
+    archives = {}
     for version, method in VERSIONS.items():
-        defended = method == "grad2"
-        config = _write_config(
-            f"{method}.yaml", out / f"model-config-{version}.yaml",
-            chosen.epsilon if defended else None, target_path.name if defended else None,
-        )
-        archive = build_archive(
+        gated = method == "grad2_gated"
+        config = (_gated_config(out / "model-config-2.0.yaml", defender) if gated
+                  else template_path("model-configs/none.yaml"))
+        archives[version] = build_archive(
             MODEL, version, models_dir / "victim.pt", config, store,
-            surrogate=models_dir / "surrogate_animal.pt" if defended else None,
-            target=target_path if defended else None,
+            surrogate=models_dir / "surrogate_defender.pt" if gated else None,
+            gate_file=gate_path if gated else None, mapping_key=key_path if gated else None,
             index_to_name=names, archive_name=f"{MODEL}_v{version}", force=True,
         )
-        specs.append(f"{MODEL}={archive.name}")
-        print(f"built {archive}")
+        print(f"built {archives[version]}")
 
-    _say("4/6 starting TorchServe (token authorization on, model API off)")
+    _say("4/7 starting TorchServe (token authorization on, model API off)")
+    specs = [f"{MODEL}={path.name}" for path in archives.values()]
     server = start_server(store, specs, workdir=out / "torchserve", ports=Ports.free())
+    pool = thief_pool("animal", size=budget, seed=0)
+    test = load_fashion_mnist("test")
+    report_rows = slice(ood.VALIDATION_SIZE, ood.VALIDATION_SIZE + 1000)
+    stolen: dict[str, torch.Tensor] = {}
+    rows = []
     try:
         token = server.tokens().inference
         urls = {v: f"{server.inference_url}/predictions/{MODEL}/{v}" for v in VERSIONS}
         print(f"serving {', '.join(urls.values())}; token in {server.key_file}")
 
-        _say("5/6 the same test images through both versions")
-        test = load_fashion_mnist("test")
+        _say("5/7 the same images through both versions: two test images, two animals")
+        shown_images = np.concatenate([test.images[:2], pool.images[:2]])
         shown = {}
         for version, url in urls.items():
-            client = APIClient(url, token)
-            answers, _, names_order, _ = client.query(test.images[:4], progress=False)
+            answers, _, names_order, _ = APIClient(url, token).query(shown_images,
+                                                                      progress=False)
             shown[version] = [dict(zip(names_order, row.tolist())) for row in answers]
-        print(_side_by_side(shown, [test.class_names[i] for i in test.labels[:4]]))
+        labels = [f"test, true {test.class_names[i]}" for i in test.labels[:2]]
+        labels += ["Animal-MNIST (out of distribution)"] * 2
+        print(_side_by_side(shown, labels))
 
-        _say(f"6/6 a live thief: {budget} Animal-MNIST queries per version, then a clone")
-        rows = []
+        _say(f"6/7 a live thief: {budget:,} Animal-MNIST queries per version")
         for version, url in urls.items():
             client = APIClient(url, token)
-            answers, answered, _, stats = client.query(test.images[:1000])
-            defender = float((answers.argmax(1).numpy() == test.labels[answered]).mean())
-            attack = live_attack(url, token, "animal", budget, clone_epochs, seed=0)
-            rows.append({
-                "version": version, "defense": VERSIONS[version],
-                "epsilon": chosen.epsilon if VERSIONS[version] == "grad2" else 0.0,
-                "defender_accuracy": defender, "clone_accuracy": attack["clone_accuracy"],
-                "queries": attack["sent"], "failed": attack["failed"] + stats.failed,
-            })
+            answers, answered, _, stats = client.query(test.images[report_rows])
+            truth = test.labels[report_rows][answered]
+            defender_accuracy = float((answers.argmax(1).numpy() == truth).mean())
+            pool_answers, pool_answered, _, pool_stats = client.query(
+                pool.images, expected_classes=test.class_names)
+            if len(pool_answered) != len(pool.images):
+                raise RuntimeError(f"v{version}: {pool_stats.failed} thief queries failed")
+            stolen[version] = pool_answers
+            rows.append({"version": version, "defense": VERSIONS[version],
+                         "defender_accuracy": defender_accuracy,
+                         "failed": stats.failed + pool_stats.failed})
     finally:
         stop_server(server.workdir)
         print("TorchServe stopped")
 
-    print("\nversion  defense  epsilon  defender acc (1,000 test)  clone acc (10,000 test)")
+    inputs = to_tensor(pool.images)
+    clones: dict[tuple[str, str, int], Path] = {}
     for row in rows:
-        print(f"{row['version']:>7}  {row['defense']:>7}  {row['epsilon']:7.2f}  "
-              f"{100 * row['defender_accuracy']:25.2f}  {100 * row['clone_accuracy']:23.2f}")
+        version = row["version"]
+        for thief in THIEVES:
+            accuracies = []
+            for seed in SEEDS:
+                clone = train_clone(inputs, stolen[version], epochs=clone_epochs, seed=seed,
+                                    hard_labels=thief == "labels", progress=False)
+                with torch.inference_mode():
+                    predicted = clone(lab.test_inputs).argmax(1)
+                accuracies.append((predicted == lab.test_labels).float().mean().item())
+                path = out / "clones" / f"v{version}-{thief}-{seed}.pt"
+                save_checkpoint(clone, path, {"role": "clone", "version": version,
+                                              "thief": thief, "seed": seed})
+                clones[version, thief, seed] = path
+            row[thief] = accuracies
+            print(f"v{version} {thief:>6} clones (seeds {', '.join(map(str, SEEDS))}): "
+                  f"{_spread(accuracies)}% Fashion-MNIST test accuracy")
+
+    _say("7/7 verify: does a suspect follow the secret mapping? (10,000 random mappings)")
+    verification = out / "verification.npz"
+    np.savez(verification, images=ood.verification_pixels(defender.train.images))
+    innocent = ood.innocent_models(lab, count=1)[0][1]
+    innocent_path = save_checkpoint(innocent, out / "clones" / "independent.pt",
+                                    {"role": "innocent"}).with_suffix(".pt")
+    suspects = {
+        "clone of v2.0 (soft, seed 0)": clones["2.0", "soft", SEEDS[0]],
+        "clone of v2.0 (labels-only, seed 0)": clones["2.0", "labels", SEEDS[0]],
+        "clone of v1.0, undefended (soft, seed 0)": clones["1.0", "soft", SEEDS[0]],
+        "independently trained model": innocent_path,
+    }
+    verdicts = {}
+    for name, path in suspects.items():
+        verdict = verify_suspect(archives["2.0"], str(path), verification, progress=False)
+        verdicts[name] = {"p_value": verdict.p_value, "follows": verdict.follows_receiver,
+                          "null_mean": verdict.null_mean, "images": verdict.informative}
+        print(f"{name:>42}: follows sigma on {100 * verdict.follows_receiver:5.1f}% of "
+              f"{verdict.informative} gated images (random mappings {100 * verdict.null_mean:.1f}"
+              f"%), p = {verdict.p_value:.2g}")
+
+    print("\nversion  defense       defender acc (1,000 test)  soft clone   labels-only clone")
+    for row in rows:
+        print(f"{row['version']:>7}  {row['defense']:<12}  {100 * row['defender_accuracy']:24.1f}"
+              f"  {100 * np.mean(row['soft']):10.1f}  {100 * np.mean(row['labels']):18.1f}")
     _plot(rows, out / "demo.png")
     elapsed = time.perf_counter() - started
-    report = {"rows": rows, "tuning": [vars(p) for p in points], "wall_time_s": elapsed}
+    report = {"rows": rows, "verify": verdicts, "gate_threshold": threshold,
+              "validation_flagged": flagged, "wall_time_s": elapsed}
     (out / "demo.json").write_text(json.dumps(report, indent=1))
     print(f"\nplot: {out / 'demo.png'}; report: {out / 'demo.json'}; took {elapsed:.0f} s")
     return report
@@ -154,17 +217,19 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(6.5, 4))
     labels = [f"v{r['version']} {r['defense']}" for r in rows]
-    positions = range(len(rows))
-    axis.bar([p - 0.2 for p in positions], [100 * r["defender_accuracy"] for r in rows], 0.4,
-             label="defender accuracy (honest users)")
-    axis.bar([p + 0.2 for p in positions], [100 * r["clone_accuracy"] for r in rows], 0.4,
-             label="thief's clone accuracy")
-    axis.set_xticks(list(positions), labels)
+    width = 0.27
+    for offset, (key, name) in enumerate((("defender_accuracy", "honest users (test)"),
+                                          ("soft", "soft clone"),
+                                          ("labels", "labels-only clone"))):
+        values = [100 * float(np.mean(r[key])) for r in rows]
+        positions = [index + (offset - 1) * width for index in range(len(rows))]
+        axis.bar(positions, values, width, label=name)
+    axis.set_xticks(range(len(rows)), labels)
     axis.set_ylabel("Fashion-MNIST test accuracy (%)")
     axis.set_ylim(0, 100)
-    axis.legend(loc="lower left", fontsize=8)
+    axis.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -172,15 +237,14 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def _demo_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
-    run_demo(Path(args.out), args.budget, args.clone_epochs, args.max_accuracy_drop)
+    run_demo(Path(args.out), args.budget, args.clone_epochs)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="the whole product at work (make demo)")
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--budget", type=int, default=3000, help="thief queries per version")
+    parser.add_argument("--budget", type=int, default=4000, help="thief queries per version")
     parser.add_argument("--clone-epochs", type=int, default=12)
-    parser.add_argument("--max-accuracy-drop", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.set_defaults(func=_demo_command)

@@ -14,6 +14,10 @@ class follows no mapping without fixed points, so it is not accused; a clone is,
 learned ``σ``. A mapping that matches the classes' natural confusions would accuse
 honest models too: a keyed random mapping avoids that.
 
+For a keyed defense (``grad2_gated`` with ``ood_answer: permute``) the receiving class of
+an image the gate treats as OOD (``α ≥ ½``) is ``σ(k)`` for the secret mapping ``σ`` of
+the archive's ``mapping_key``; images the gate lets through are not informative.
+
 Use fresh images of the kind thieves send (out of the victim's distribution), never the
 ones a target or gate was fitted on.
 """
@@ -66,10 +70,15 @@ def receiving_classes(archive: Path, images: Path, progress: bool = True
         tops, receivers, kept = [], [], []
         for x, _, indices in image_set.batches(256, progress=progress, desc="receivers"):
             clean = clean_probabilities(served.victim, x, None)
-            with torch.enable_grad():
-                scores = defense.scores(x, clean)
-            tops.append(clean.argmax(1))
-            receivers.append(scores.argmax(1))
+            top = clean.argmax(1)
+            if getattr(defense, "mapping", None) is not None:
+                gated = defense.gate_weights(x, clean) >= 0.5
+                receiver = torch.where(gated, defense.mapping[top], top)
+            else:
+                with torch.enable_grad():
+                    receiver = defense.scores(x, clean).argmax(1)
+            tops.append(top)
+            receivers.append(receiver)
             kept.append(indices)
         order = torch.cat(kept)
         files = None if image_set.files is None else [image_set.files[i] for i in order]
@@ -88,7 +97,7 @@ def class_mapping(clean_top: np.ndarray, receivers: np.ndarray, num_classes: int
 
 
 def permutation_test(suspect_top: np.ndarray, clean_top: np.ndarray, receivers: np.ndarray,
-                     num_classes: int, draws: int = 1000, seed: int = 0) -> Verdict:
+                     num_classes: int, draws: int = 10_000, seed: int = 0) -> Verdict:
     """The statistic and its permutation p-value (see the module docstring)."""
     mapping = class_mapping(clean_top, receivers, num_classes)
     mapped = mapping[clean_top]
@@ -109,7 +118,7 @@ def permutation_test(suspect_top: np.ndarray, clean_top: np.ndarray, receivers: 
 
 
 def verify_suspect(archive: Path, suspect: str, images: Path, token: str | None = None,
-                   draws: int = 1000, seed: int = 0, progress: bool = True) -> Verdict:
+                   draws: int = 10_000, seed: int = 0, progress: bool = True) -> Verdict:
     """Test ``suspect`` (a checkpoint path or a prediction URL) on ``images``."""
     clean_top, receivers, files, image_set = receiving_classes(archive, images, progress)
     num_classes = int(max(clean_top.max(), receivers.max())) + 1

@@ -721,7 +721,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "prediction URL")
     verify.add_argument("--images", type=Path, help="with --archive: fresh images of the kind "
                         "thieves send (a folder, searched recursively)")
-    verify.add_argument("--draws", type=int, default=1000,
+    verify.add_argument("--draws", type=int, default=10_000,
                         help="random class relabellings of the permutation test")
     verify.add_argument("--out", type=Path, help="write the verdict as JSON here")
     verify.add_argument("--secret", type=Path, help="a watermark secret (grad2 watermark "

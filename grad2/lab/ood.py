@@ -1,0 +1,638 @@
+"""``grad2 ood-study``: every thief against gated defenses fitted on defender-side data only.
+
+The defender has the victim, its training images (the first 50,000 Fashion-MNIST training
+images) and the first half of the Fashion-MNIST test split as validation. From those
+alone it fits (:class:`Defender`): an early-stopped surrogate distilled on 10,000 of its
+training images, Adaptive Misinformation's misinformation network, and each defense's
+knob (gate threshold ``τ`` or budget ``ε``) as the largest whose accuracy drop on the
+validation half stays within :data:`VALIDATION_DROP`. Defender accuracy is reported on
+the other half of the test split, which nothing was fitted on.
+
+Thieves query pools no fitting step saw (:data:`POOLS`): Animal-MNIST, two transformed
+copies of it, a warped copy of the held-out Fashion-MNIST images, and the held-out images
+themselves (the in-distribution thief). Thieves (:data:`THIEVES`): soft, labels-only,
+another architecture, prior-correcting (derived from the soft clone), recovery (learns a
+defended → clean map on its own simulation of the public defense) and confidence-filtering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from grad2 import defenses as D
+from grad2 import gate
+from grad2.lab.data import cache_dir, thief_pool, to_tensor, victim_train_split
+from grad2.lab.evaluate import (
+    MISMATCH_ARCH,
+    Lab,
+    apply_defense,
+    collapsed,
+    prior_corrected_logits,
+)
+from grad2.lab.ownership import permutation_test
+from grad2.lab.train import (
+    predict_probs,
+    set_seed,
+    train_clone,
+    train_misinformation,
+    train_surrogate,
+)
+from grad2.models import load_checkpoint, save_checkpoint
+
+QUERIES = 4000
+SEEDS = (0, 1, 2)
+CLONE_EPOCHS = 12
+#: Fashion-MNIST test images the defender calibrates on; the rest report its accuracy.
+VALIDATION_SIZE = 5000
+#: Largest accuracy drop (points) a knob may cost on the validation half.
+VALIDATION_DROP = 0.8
+#: Shares of validation queries a gate may treat as OOD (the threshold grid).
+GATE_SHARES = (0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+GATE_SLOPE = 50.0
+#: The feature gate's slope, in validation standard deviations of its score: α goes from
+#: 0.12 to 0.88 within 0.2 standard deviations of the threshold.
+FEATURE_SLOPE_SPREADS = 20.0
+#: The redirection budget of in-distribution queries under a gate, and the OOD one.
+GATED_EPSILON = 0.2
+GATED_EPSILON_OOD = 2.0
+#: The lab's mapping key (reproducible; a real deployment uses ``grad2 keygen``).
+LAB_KEY = hashlib.sha256(b"grad2 ood-study mapping key").digest()
+#: Draws of random mappings in the ownership test (p-values down to 1e-4).
+OWNERSHIP_DRAWS = 10_000
+
+DEFENSES = ("none", "adaptive_misinformation", "grad2", "grad2_gated_permute",
+            "grad2_gated_redirect")
+#: Thieves trained on every pool, and those trained on the main pool only.
+POOL_THIEVES = ("soft", "labels")
+MAIN_THIEVES = ("soft", "labels", "arch", "recovery", "confidence")
+THIEVES = (*MAIN_THIEVES, "prior")
+MAIN_POOL = "animal"
+IN_DISTRIBUTION_POOL = "fashion_heldout"
+
+
+def rotated_crop(images: np.ndarray, seed: int) -> np.ndarray:
+    """Rotate 90°, keep the central 20x20 and scale it back to 28x28."""
+    rotated = torch.from_numpy(np.rot90(images, k=1, axes=(1, 2)).copy()).float()
+    crop = rotated[:, 4:24, 4:24].unsqueeze(1)
+    scaled = F.interpolate(crop, size=(28, 28), mode="bilinear", align_corners=False)
+    return scaled.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def inverted_noise(images: np.ndarray, seed: int) -> np.ndarray:
+    """Invert (dark object on a bright background) and add Gaussian noise (σ 20)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=generator) * 20
+    inverted = 255 - torch.from_numpy(images).float()
+    return (inverted + noise).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def warped(images: np.ndarray, seed: int) -> np.ndarray:
+    """A random rotation (±30°), shift (±3 px) and zoom (0.8-1.1) per image, plus noise
+    (σ 15): in-distribution objects seen in other ways."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(images)
+    angle = (torch.rand(count, generator=generator) * 2 - 1) * (torch.pi / 6)
+    scale = 0.8 + 0.3 * torch.rand(count, generator=generator)
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * (3 / 14)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    source = torch.from_numpy(images).float().unsqueeze(1)
+    grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+    moved = F.grid_sample(source, grid, align_corners=False).squeeze(1)
+    noise = torch.randn(moved.shape, generator=generator) * 15
+    return (moved + noise).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+#: Thief pools: name -> (lab pool it is made from, transform or None). The one list.
+POOLS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray] | None]] = {
+    "animal": ("animal", None),
+    "animal_rotated": ("animal", rotated_crop),
+    "animal_inverted": ("animal", inverted_noise),
+    "heldout_warped": ("fashion_heldout", warped),
+    "fashion_heldout": ("fashion_heldout", None),
+}
+#: The pools whose queries are out of the victim's distribution (the goals' pools).
+OOD_POOLS = ("animal", "animal_rotated", "animal_inverted")
+
+
+def pool_images(name: str, queries: int = QUERIES) -> np.ndarray:
+    """``uint8 [queries, 28, 28]``: a thief pool of :data:`POOLS` (seed 0 draw)."""
+    base, transform = POOLS[name]
+    images = thief_pool(base, size=queries, seed=0).images
+    return images if transform is None else transform(images, 1)
+
+
+@dataclass
+class Run:
+    defense: str
+    pool: str
+    thief: str
+    seed: int
+    clone_accuracy: float
+    queries: int
+    trained_on: int
+    retrained: bool
+    wall_time_s: float
+    extra: dict
+
+
+class Defender:
+    """The defender's fitted parts and calibrated defenses (cached in ``lab.folder``)."""
+
+    def __init__(self, lab: Lab, progress: bool = True, key: bytes = LAB_KEY,
+                 names: tuple[str, ...] = DEFENSES) -> None:
+        self.lab, self.progress = lab, progress
+        self.validation = slice(0, VALIDATION_SIZE)
+        self.report = slice(VALIDATION_SIZE, None)
+        self.train = victim_train_split()
+        rng = np.random.default_rng(5)
+        self.fit_images = self.train.subset(rng.choice(len(self.train), 10_000, replace=False))
+        self._misinformation_rows = rng.choice(len(self.train), 20_000, replace=False)
+        self.surrogate = lab._model("surrogate_defender", lambda: train_surrogate(
+            lab.victim, self.fit_images, epochs=4, planned_epochs=20, seed=7,
+            progress=progress))
+        self._misinformation: nn.Module | None = None
+        self.mapping = gate.keyed_mapping(key, 10)
+        self.feature_gate = gate.fit_feature_gate(
+            gate.penultimate(self.surrogate, to_tensor(self.fit_images.images)),
+            torch.from_numpy(self.fit_images.labels), 10)
+        validation_scores = self.gate_scores(lab.test_inputs[self.validation])
+        self.feature_slope = FEATURE_SLOPE_SPREADS / validation_scores.std().item()
+        self.knobs = self._calibrate(names)
+
+    @property
+    def misinformation(self) -> nn.Module:
+        """Adaptive Misinformation's network, trained on 20,000 of the victim's training
+        images (cached)."""
+        if self._misinformation is None:
+            rows = self._misinformation_rows
+            self._misinformation = self.lab._model("misinformation", lambda: train_misinformation(
+                to_tensor(self.train.images[rows]), torch.from_numpy(self.train.labels[rows]),
+                num_classes=10, epochs=3, seed=3, progress=self.progress))
+        return self._misinformation
+
+    def gate_scores(self, inputs: Tensor) -> Tensor:
+        """``[N]`` feature-gate scores of ``inputs`` (low = likely OOD)."""
+        return torch.cat([gate.feature_score(gate.penultimate(self.surrogate, part),
+                                             self.feature_gate)
+                          for part in inputs.split(1000)])
+
+    # ----------------------------------------------------------- building and calibrating
+    def build(self, name: str, knob: float | None = None) -> D.Defense:
+        """The defense ``name`` at ``knob`` (default: its calibrated one)."""
+        knob = self.knobs.get(name) if knob is None else knob
+        if name == "none":
+            return D.NoDefense()
+        if name == "adaptive_misinformation":
+            return D.AdaptiveMisinformation(self.misinformation, knob, GATE_SLOPE)
+        if name == "grad2":
+            return D.GRAD2(self.surrogate, knob)
+        if name.startswith("grad2_gated_"):
+            answer = name.removeprefix("grad2_gated_")
+            return D.GatedGRAD2(self.surrogate, GATED_EPSILON, GATED_EPSILON_OOD, knob,
+                                self.feature_slope, answer, self.mapping,
+                                gate_tensors=self.feature_gate)
+        raise ValueError(f"unknown defense {name!r}; known: {', '.join(DEFENSES)}")
+
+    def _drop(self, defense: D.Defense) -> float:
+        inputs = self.lab.test_inputs[self.validation]
+        clean = self.lab.test_probs[self.validation]
+        labels = self.lab.test_labels[self.validation]
+        answers = apply_defense(defense, inputs, clean, progress=False)
+        return 100 * ((clean.argmax(1) == labels).float().mean()
+                      - (answers.argmax(1) == labels).float().mean()).item()
+
+    def _calibrate(self, names: tuple[str, ...]) -> dict[str, float]:
+        """Each defense's knob: the largest of its grid whose validation drop is at most
+        :data:`VALIDATION_DROP` (cached in ``ood_knobs.json``)."""
+        path = self.lab.folder / "ood_knobs.json"
+        knobs: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        wanted = [name for name in names if name != "none" and name not in knobs]
+        if not wanted:
+            return knobs
+        msp = gate.max_softmax(self.lab.test_probs[self.validation])
+        features = self.gate_scores(self.lab.test_inputs[self.validation])
+        feature_grid = [gate.calibrate_threshold(features, share) for share in GATE_SHARES]
+        grids: dict[str, list[float]] = {
+            "grad2": [round(0.1 * step, 1) for step in range(1, 11)],
+            "adaptive_misinformation": [gate.calibrate_threshold(msp, share)
+                                        for share in GATE_SHARES],
+            "grad2_gated_permute": feature_grid,
+            "grad2_gated_redirect": feature_grid,
+        }
+        for name in tqdm(wanted, desc="calibrate", disable=not self.progress):
+            chosen = grids[name][0]
+            for knob in grids[name]:
+                if self._drop(self.build(name, knob)) <= VALIDATION_DROP:
+                    chosen = knob
+            knobs[name] = chosen
+        path.write_text(json.dumps(knobs, indent=1))
+        return knobs
+
+    def gated_share(self, inputs: Tensor) -> float:
+        """The share of ``inputs`` the calibrated feature gate treats as OOD (α ≥ ½)."""
+        scores = self.gate_scores(inputs)
+        return (scores < self.knobs["grad2_gated_permute"]).float().mean().item()
+
+    # ---------------------------------------------------------------- answers
+    def answers(self, name: str, pool: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(inputs, clean, defended)`` of ``pool`` under defense ``name`` (cached)."""
+        inputs = to_tensor(pool_images(pool))
+        clean = predict_probs(self.lab.victim, inputs)
+        path = self.lab.folder / "ood_answers" / f"{name}-{pool}.pt"
+        if path.exists():
+            return inputs, clean, torch.load(path, weights_only=True)
+        defended = apply_defense(self.build(name), inputs, clean, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(defended, path)
+        return inputs, clean, defended
+
+    def test_answers(self, name: str) -> Tensor:
+        """The defense's answers to the whole Fashion-MNIST test split (cached)."""
+        path = self.lab.folder / "ood_answers" / f"{name}-test.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        defended = apply_defense(self.build(name), self.lab.test_inputs, self.lab.test_probs,
+                                 progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(defended, path)
+        return defended
+
+
+# ------------------------------------------------------------------------- thieves
+
+
+def clone_accuracy(clone: nn.Module, lab: Lab) -> tuple[float, Tensor]:
+    """The clone's Fashion-MNIST test accuracy and its logits ``[N, K]``."""
+    with torch.inference_mode():
+        logits = torch.cat([clone(lab.test_inputs[i:i + 1000]).float()
+                            for i in range(0, len(lab.test_inputs), 1000)])
+    return (logits.argmax(1) == lab.test_labels).float().mean().item(), logits
+
+
+def fit_clone(inputs: Tensor, answers: Tensor, seed: int, arch: str = "small_cnn",
+              hard_labels: bool = False) -> tuple[nn.Module, bool]:
+    """A thief's clone, retrained at a tenth of the rate when its training collapsed."""
+    clone = train_clone(inputs, answers, arch=arch, epochs=CLONE_EPOCHS, seed=seed,
+                        hard_labels=hard_labels, progress=False)
+    if collapsed(clone, inputs, answers):
+        return train_clone(inputs, answers, arch=arch, epochs=CLONE_EPOCHS, seed=seed,
+                           hard_labels=hard_labels, progress=False, lr=0.01), True
+    return clone, False
+
+
+def confident_rows(answers: Tensor, drop_share: float = 0.25) -> Tensor:
+    """``[N]`` bool: the answers a confidence-filtering thief keeps: no exactly drained
+    class, and a top probability above the ``drop_share`` quantile of the rest."""
+    untouched = ~(answers == 0).any(dim=1)
+    top = answers.max(dim=1).values
+    cut = torch.quantile(top[untouched], drop_share) if untouched.any() else top.max()
+    return untouched & (top >= cut)
+
+
+def simulated_defense(name: str, defender: Defender, own_model: nn.Module,
+                      inputs: Tensor, own_clean: Tensor, seed: int) -> D.Defense:
+    """The thief's copy of the public defense ``name``: the code and the configuration's
+    knobs are public (Kerckhoffs), the surrogate is the thief's own model, the mapping key
+    its own, the misinformation network one it trains on its own model's labels."""
+    knob = defender.knobs.get(name)
+    if name == "none":
+        return D.NoDefense()
+    if name == "adaptive_misinformation":
+        misinformation = train_misinformation(inputs, own_clean.argmax(1), 10, epochs=2,
+                                              seed=seed + 100, progress=False)
+        return D.AdaptiveMisinformation(misinformation, knob, GATE_SLOPE)
+    if name == "grad2":
+        return D.GRAD2(own_model, knob)
+    # Its own feature gate, fitted on its own pool with its model's labels, calibrated so
+    # that it gates the share of that pool the real gate's threshold gates in the answers
+    # (the thief sees which answers were altered only through its detector; this is the
+    # most generous reading: it knows how many).
+    own_key = hashlib.sha256(f"thief {seed}".encode()).digest()
+    features = gate.penultimate(own_model, inputs)
+    own_gate = gate.fit_feature_gate(features, own_clean.argmax(1), 10)
+    scores = gate.feature_score(features, own_gate)
+    share = defender.gated_share(inputs)
+    threshold = gate.calibrate_threshold(scores, min(max(share, 0.0), 0.99))
+    return D.GatedGRAD2(own_model, GATED_EPSILON, GATED_EPSILON_OOD, threshold,
+                        FEATURE_SLOPE_SPREADS / scores.std().item(),
+                        name.removeprefix("grad2_gated_"), gate.keyed_mapping(own_key, 10),
+                        gate_tensors=own_gate)
+
+
+def answer_features(answers: Tensor) -> Tensor:
+    """``[N, 3K + 1]``: an answer's values, their logs, its sorted values and its count of
+    exact zeros: what the recovery map and the tell detector read."""
+    logs = answers.clamp_min(1e-12).log()
+    ranked = answers.sort(dim=1, descending=True).values
+    zeros = (answers == 0).sum(dim=1, keepdim=True).float()
+    return torch.cat([answers, logs / 10, ranked, zeros], dim=1)
+
+
+def fit_mlp(features: Tensor, targets: Tensor, seed: int, epochs: int = 60,
+            soft: bool = True) -> nn.Module:
+    """A small MLP fitted with Adam (soft cross-entropy, or cross-entropy on class ids)."""
+    set_seed(seed)
+    model = nn.Sequential(nn.Linear(features.shape[1], 128), nn.ReLU(), nn.Linear(128, 128),
+                          nn.ReLU(), nn.Linear(128, targets.shape[1] if soft else 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=generator)
+        for start in range(0, len(features), 256):
+            rows = order[start:start + 256]
+            logits = model(features[rows])
+            if soft:
+                loss = -(targets[rows] * logits.log_softmax(1)).sum(1).mean()
+            else:
+                loss = F.cross_entropy(logits, targets[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def recovery_answers(name: str, defender: Defender, inputs: Tensor, answers: Tensor,
+                     seed: int) -> tuple[Tensor, dict]:
+    """The recovery thief: a first clone on the API's answers, then the public defense run
+    with that clone as surrogate on the thief's own pool gives pairs (defended, clean) to
+    fit a map defended → clean, applied to the API's answers."""
+    first, _ = fit_clone(inputs, answers, seed)
+    own_clean = predict_probs(first, inputs)
+    simulation = simulated_defense(name, defender, first, inputs, own_clean, seed)
+    with torch.enable_grad():
+        simulated = apply_defense(simulation, inputs, own_clean, progress=False)
+    recover = fit_mlp(answer_features(simulated), own_clean, seed)
+    with torch.no_grad():
+        recovered = recover(answer_features(answers)).softmax(1)
+    return recovered, {"simulated_l1": (simulated - own_clean).abs().sum(1).mean().item()}
+
+
+def run_thief(defender: Defender, name: str, pool: str, thief: str, seed: int) -> list[Run]:
+    """Train one thief's clone (and derive the prior-correcting thief from a soft one)."""
+    lab = defender.lab
+    started = time.perf_counter()
+    inputs, clean, answers = defender.answers(name, pool)
+    train_inputs, train_answers, extra = inputs, answers, {}
+    arch = MISMATCH_ARCH if thief == "arch" else "small_cnn"
+    if thief == "confidence":
+        keep = confident_rows(answers)
+        train_inputs, train_answers = inputs[keep], answers[keep]
+    elif thief == "recovery":
+        train_answers, extra = recovery_answers(name, defender, inputs, answers, seed)
+        extra["l1_before"] = (answers - clean).abs().sum(1).mean().item()
+        extra["l1_after"] = (train_answers - clean).abs().sum(1).mean().item()
+    clone, retrained = fit_clone(train_inputs, train_answers, seed, arch,
+                                 hard_labels=thief == "labels")
+    accuracy, logits = clone_accuracy(clone, lab)
+    folder = lab.folder / "ood_clones"
+    save_checkpoint(clone, folder / f"{name}-{pool}-{thief}-{seed}.pt", {"role": "clone"})
+    wall = round(time.perf_counter() - started, 1)
+    runs = [Run(name, pool, thief, seed, accuracy, len(inputs), len(train_inputs), retrained,
+                wall, extra)]
+    if thief == "soft":
+        prior = (prior_corrected_logits(logits, answers).argmax(1) == lab.test_labels)
+        runs.append(Run(name, pool, "prior", seed, prior.float().mean().item(), len(inputs),
+                        len(inputs), retrained, 0.0, {}))
+    return runs
+
+
+# ---------------------------------------------------------------- tells and ownership
+
+
+def tell_accuracy(defender: Defender, name: str, pool: str = MAIN_POOL) -> float:
+    """Held-out accuracy of a classifier telling defended answers from clean ones on
+    ``pool`` (half the images answered each way; 50% = no tell)."""
+    _, clean, defended = defender.answers(name, pool)
+    count = len(clean)
+    generator = torch.Generator().manual_seed(11)
+    is_defended = torch.rand(count, generator=generator) < 0.5
+    shown = torch.where(is_defended.unsqueeze(1), defended, clean)
+    features, labels = answer_features(shown), is_defended.long()
+    split = int(0.75 * count)
+    model = fit_mlp(features[:split], labels[:split].unsqueeze(1).float(), 11, soft=False)
+    with torch.no_grad():
+        predicted = model(features[split:]).argmax(1)
+    return (predicted == labels[split:]).float().mean().item()
+
+
+def verification_images(defender: Defender) -> Tensor:
+    """The defender's fresh OOD images for ``verify`` (:func:`verification_pixels`): its
+    own images turned OOD, never shown to a thief, not the pools the study attacks with."""
+    return to_tensor(verification_pixels(defender.train.images))
+
+
+def verification_pixels(train_images: np.ndarray) -> np.ndarray:
+    """``uint8 [4000, 28, 28]``: 4,000 seeded training images (seed 21), half rotated and
+    cropped, half inverted with noise."""
+    rows = np.random.default_rng(21).choice(len(train_images), 4000, replace=False)
+    images = train_images[rows]
+    return np.concatenate([rotated_crop(images[:2000], 3), inverted_noise(images[2000:], 4)])
+
+
+def ownership_p(defender: Defender, model: nn.Module, images: Tensor, clean: Tensor) -> dict:
+    """Permutation test of ``model`` for the keyed mapping on the gated verification images."""
+    gated = defender.gate_scores(images) < defender.knobs["grad2_gated_permute"]
+    tops = clean.argmax(1)[gated].numpy()
+    with torch.inference_mode():
+        suspect = model.eval()(images[gated]).argmax(1).numpy()
+    receivers = defender.mapping.numpy()[tops]
+    verdict = permutation_test(suspect, tops, receivers, 10, draws=OWNERSHIP_DRAWS)
+    return {"p_value": verdict.p_value, "follows": verdict.follows_receiver,
+            "null_mean": verdict.null_mean, "images": verdict.informative}
+
+
+def innocent_models(lab: Lab, count: int = 4) -> list[tuple[str, nn.Module]]:
+    """Models trained independently on the true task (Fashion-MNIST labels, other seeds
+    and subsets, small and wide networks), cached."""
+    train = victim_train_split()
+    models = []
+    for index in range(count):
+        arch = "small_cnn" if index % 2 == 0 else MISMATCH_ARCH
+
+        def fit(index: int = index, arch: str = arch) -> nn.Module:
+            rows = np.random.default_rng(300 + index).choice(len(train), 15_000, replace=False)
+            one_hot = F.one_hot(torch.from_numpy(train.labels[rows]), 10).float()
+            return train_clone(to_tensor(train.images[rows]), one_hot, arch=arch, epochs=3,
+                               seed=300 + index, hard_labels=True, progress=False)
+
+        models.append((f"independent-{arch}-{index}", lab._model(f"innocent_{index}", fit)))
+    return models
+
+
+# ------------------------------------------------------------------------- the study
+
+
+def plan(quick: bool) -> list[tuple[str, str, str, int]]:
+    """(defense, pool, thief, seed) of every clone to train."""
+    seeds = SEEDS[:1] if quick else SEEDS
+    jobs = []
+    for seed in seeds:
+        for name in DEFENSES:
+            for thief in MAIN_THIEVES:
+                if thief in POOL_THIEVES or name != "grad2_gated_redirect":
+                    jobs.append((name, MAIN_POOL, thief, seed))
+            for pool in POOLS:
+                if pool != MAIN_POOL:
+                    jobs.extend((name, pool, thief, seed) for thief in POOL_THIEVES)
+    return jobs
+
+
+def run_study(out: Path, folder: Path, quick: bool = False, progress: bool = True) -> dict:
+    """Fit the defender, train every planned clone (journal in ``out``), measure tells and
+    ownership, write ``ood.json`` and ``ood.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    lab = Lab(folder, progress=progress)
+    defender = Defender(lab, progress)
+    journal = out / "ood_runs.jsonl"
+    done = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            run = Run(**json.loads(line))
+            done[run.defense, run.pool, run.thief, run.seed] = run
+    for job in tqdm(plan(quick), desc="clones", disable=not progress):
+        if job in done:
+            continue
+        for run in run_thief(defender, *job):
+            done[run.defense, run.pool, run.thief, run.seed] = run
+            with open(journal, "a") as handle:
+                handle.write(json.dumps(asdict(run)) + "\n")
+    runs = list(done.values())
+    report = summarise(defender, runs)
+    (out / "ood.json").write_text(json.dumps(report, indent=1))
+    (out / "ood.md").write_text(markdown(report))
+    return report
+
+
+def summarise(defender: Defender, runs: list[Run]) -> dict:
+    """Defender cost, clone accuracy per (defense, pool, thief), tells and ownership."""
+    lab = defender.lab
+    report: dict = {"knobs": defender.knobs, "victim_accuracy": lab.victim_accuracy,
+                    "mapping": defender.mapping.tolist(), "defenses": {}, "clones": {}}
+    labels = lab.test_labels[defender.report]
+    clean_report = lab.test_probs[defender.report]
+    base = (clean_report.argmax(1) == labels).float().mean().item()
+    for name in DEFENSES:
+        answers = defender.test_answers(name)[defender.report]
+        _, pool_clean, pool_answers = defender.answers(name, MAIN_POOL)
+        report["defenses"][name] = {
+            "defender_accuracy": (answers.argmax(1) == labels).float().mean().item(),
+            "defender_drop": 100 * (base - (answers.argmax(1) == labels).float().mean().item()),
+            "test_l1": (answers - clean_report).abs().sum(1).mean().item(),
+            "pool_l1": (pool_answers - pool_clean).abs().sum(1).mean().item(),
+            "pool_flips": (pool_answers.argmax(1) != pool_clean.argmax(1)).float().mean().item(),
+            "pool_exact_zeros": (pool_answers == 0).any(1).float().mean().item(),
+            "tell_accuracy": tell_accuracy(defender, name),
+        }
+    report["defender_report_accuracy"] = base
+    report["gated_share"] = {}
+    for pool in POOLS:
+        inputs = to_tensor(pool_images(pool))
+        clean = predict_probs(lab.victim, inputs)
+        msp = gate.max_softmax(clean) < defender.knobs["adaptive_misinformation"]
+        report["gated_share"][pool] = {"msp": msp.float().mean().item(),
+                                       "features": defender.gated_share(inputs)}
+    cells: dict[str, list[float]] = {}
+    extras: dict[str, list[dict]] = {}
+    for run in runs:
+        key = f"{run.defense}|{run.pool}|{run.thief}"
+        cells.setdefault(key, []).append(run.clone_accuracy)
+        if run.extra:
+            extras.setdefault(key, []).append(run.extra)
+    report["clones"] = {key: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                              "seeds": len(v), "values": v} for key, v in cells.items()}
+    report["recovery"] = {key: {name: float(np.mean([e[name] for e in v])) for name in v[0]}
+                          for key, v in extras.items()}
+    report["ownership"] = ownership_report(defender, runs)
+    return report
+
+
+def ownership_report(defender: Defender, runs: list[Run]) -> dict:
+    """p-values of every clone of the keyed defense and of the innocent models."""
+    lab = defender.lab
+    images = verification_images(defender)
+    clean = predict_probs(lab.victim, images)
+    folder = lab.folder / "ood_clones"
+    results: dict[str, dict] = {"accused": {}, "innocent": {}}
+    for run in runs:
+        if run.thief == "prior" or run.defense not in ("grad2_gated_permute", "none"):
+            continue
+        model, _ = load_checkpoint(folder / f"{run.defense}-{run.pool}-{run.thief}-{run.seed}.pt")
+        group = "accused" if run.defense == "grad2_gated_permute" else "innocent"
+        name = f"clone of {run.defense}: {run.pool} {run.thief} seed {run.seed}"
+        results[group][name] = ownership_p(defender, model, images, clean)
+    for name, model in innocent_models(lab):
+        results["innocent"][name] = ownership_p(defender, model, images, clean)
+    return results
+
+
+def _cell(report: dict, name: str, pool: str, thief: str) -> str:
+    cell = report["clones"].get(f"{name}|{pool}|{thief}")
+    if cell is None:
+        return "–"
+    return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """The study's tables: defender cost and tells, clones per pool and thief, ownership."""
+    lines = ["| defense | knob | defender acc. (test half) | drop | test L1 | animal L1 | "
+             "animal flips | exact zeros | tell detector |", "| --- " * 9 + "|"]
+    for name, row in report["defenses"].items():
+        knob = report["knobs"].get(name, "")
+        knob = f"{knob:.3f}" if isinstance(knob, float) else knob
+        lines.append(f"| {name} | {knob} | {100 * row['defender_accuracy']:.2f} | "
+                     f"{row['defender_drop']:.2f} | {row['test_l1']:.3f} | {row['pool_l1']:.3f} | "
+                     f"{100 * row['pool_flips']:.1f}% | {100 * row['pool_exact_zeros']:.1f}% | "
+                     f"{100 * row['tell_accuracy']:.1f}% |")
+    lines += ["", "Share of each pool's queries the calibrated gates treat as OOD:", "",
+              "| pool | msp (adaptive misinformation) | features (grad2_gated) |",
+              "| --- | --- | --- |"]
+    lines += [f"| {pool} | {100 * row['msp']:.1f}% | {100 * row['features']:.1f}% |"
+              for pool, row in report["gated_share"].items()]
+    lines += ["", "Clone accuracy (%, mean ± std over seeds) on the Fashion-MNIST test split:", ""]
+    for pool in POOLS:
+        thieves = (*(MAIN_THIEVES if pool == MAIN_POOL else POOL_THIEVES), "prior")
+        lines += [f"**{pool}**", "", "| defense | " + " | ".join(thieves) + " |",
+                  "| --- " * (len(thieves) + 1) + "|"]
+        for name in DEFENSES:
+            lines.append(f"| {name} | " + " | ".join(_cell(report, name, pool, t)
+                                                    for t in thieves) + " |")
+        lines.append("")
+    lines += ["Ownership (permutation test, 10,000 random mappings):", "",
+              "| model | group | follows σ | p |", "| --- | --- | --- | --- |"]
+    for group, models in report["ownership"].items():
+        for name, row in models.items():
+            lines.append(f"| {name} | {group} | {100 * row['follows']:.1f}% | "
+                         f"{row['p_value']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _study_command(args: argparse.Namespace) -> int:
+    folder = args.folder or cache_dir() / "eval"
+    report = run_study(args.out, folder, quick=args.quick)
+    print(markdown(report))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ood-study", help="gated defenses fitted on defender data vs every thief",
+        description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/results/ood"))
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="models and answers cache (default: GRAD2_CACHE/eval)")
+    parser.add_argument("--quick", action="store_true", help="one seed")
+    parser.set_defaults(func=_study_command)
