@@ -1,0 +1,82 @@
+"""The OOD study's building blocks: pool transforms, the confidence filter, the recovery
+map's features and the goals arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grad2.lab import ood
+
+
+@pytest.mark.parametrize("transform", [ood.rotated_crop, ood.inverted_noise, ood.warped,
+                                       ood.shifted_noise])
+def test_transforms_keep_the_pool_format_and_are_seeded(transform):
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    once, again = transform(images, 5), transform(images, 5)
+    assert once.dtype == np.uint8 and once.shape == images.shape
+    assert np.array_equal(once, again)
+    assert not np.array_equal(once, images)
+
+
+def test_rotated_crop_is_a_rotation_of_the_centre():
+    images = np.zeros((1, 28, 28), dtype=np.uint8)
+    images[0, 4:14, 4:24] = 255  # a bar in the upper half
+    rotated = ood.rotated_crop(images, 0)[0]
+    assert rotated[:, :14].mean() > 4 * rotated[:, 14:].mean()  # now in the left half
+
+
+def test_confidence_filter_drops_drained_and_unsure_answers():
+    answers = torch.tensor([[0.9, 0.05, 0.05], [0.5, 0.5, 0.0], [0.4, 0.3, 0.3],
+                            [0.8, 0.1, 0.1], [0.7, 0.2, 0.1]])
+    kept = ood.confident_rows(answers, drop_share=0.25)
+    assert not kept[1]  # an exactly drained class
+    assert not kept[2]  # the least confident of the untouched
+    assert kept[0] and kept[3]
+    # When most answers have a drained class, that is the API's form, not a sign.
+    drained = torch.tensor([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.5, 0.0, 0.5], [0.7, 0.3, 0.0]])
+    assert ood.confident_rows(drained, drop_share=0.25).sum() == 3
+
+
+def test_answer_features_see_exact_zeros_and_order():
+    answers = torch.tensor([[0.2, 0.8, 0.0], [0.5, 0.25, 0.25]])
+    features = ood.answer_features(answers)
+    assert features.shape == (2, 3 * 3 + 1)
+    assert features[:, -1].tolist() == [1.0, 0.0]
+    assert torch.equal(features[0, 6:9], torch.tensor([0.8, 0.2, 0.0]))
+
+
+def test_recovery_map_learns_a_known_relabelling():
+    # If the defense relabels every answer by a fixed permutation the thief can simulate,
+    # the map recovers the clean answers: the recovery thief's machinery works.
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.softmax(3 * torch.randn(3000, 5, generator=generator), 1)
+    permutation = torch.tensor([2, 0, 1, 4, 3])
+    defended = torch.empty_like(clean).index_copy_(1, permutation, clean)
+    model = ood.fit_mlp(ood.answer_features(defended[:2500]), clean[:2500], seed=0, epochs=40)
+    with torch.no_grad():
+        recovered = model(ood.answer_features(defended[2500:])).softmax(1)
+    agree = (recovered.argmax(1) == clean[2500:].argmax(1)).float().mean()
+    assert agree > 0.95
+
+
+def test_goals_compare_each_defense_with_the_undefended_clones():
+    def cell(value: float) -> dict:
+        return {"mean": value, "std": 0.0, "seeds": 3, "values": [value] * 3}
+
+    clones = {}
+    for pool in ood.POOLS:
+        for thief in ood.THIEVES:
+            clones[f"none|{pool}|{thief}"] = cell(0.50)
+            clones[f"{ood.RECOMMENDED}|{pool}|{thief}"] = cell(0.30)
+    report = {
+        "clones": clones,
+        "defenses": {"none": {"defender_drop": 0.0},
+                     ood.RECOMMENDED: {"defender_drop": 0.6}},
+        "ownership": {"fresh": {"accused": {"a": {"p_value": 1e-4}},
+                                "innocent": {f"i{k}": {"p_value": 0.5} for k in range(10)}}},
+    }
+    assert ood.effect(report, ood.RECOMMENDED, "animal", "soft") == pytest.approx(20.0)
+    table = ood.goals_markdown(report)
+    assert "| soft | −15 | +20.0" in table and table.count("| yes |") >= 6
