@@ -46,12 +46,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from grad2 import targets
+from grad2 import gate, targets
 from grad2.config import MEMORY_FORMATS
 from grad2.defenses import (
     GRAD2,
     MAD,
+    AdaptiveMisinformation,
     Defense,
+    GatedGRAD2,
     MADArgmax,
     RandomNoise,
     ReverseSigmoid,
@@ -322,6 +324,16 @@ def defense_factories(setup: Setup, surrogates: dict[str, nn.Module]
         rows.append(("mad", size, MAD(surrogate, eps)))
         rows.append(("mad_argmax", size, MADArgmax(surrogate, eps)))
         rows.append(("mad_closed_form", size, MAD(surrogate, eps, closed_form=True)))
+        # The gate fitted on seeded random inputs: its cost, not its accuracy, is timed.
+        reference = setup.inputs(64)
+        features = gate.penultimate(surrogate, reference)
+        gate_tensors = gate.fit_feature_gate(features, torch.arange(64) % 10, 10)
+        threshold = float(gate.feature_score(features, gate_tensors).median())
+        rows.append(("grad2_gated", size, GatedGRAD2(
+            surrogate, 0.2, 2.0, threshold, 1.0, "permute", gate.keyed_mapping(b"k" * 32, 10),
+            gate_tensors=gate_tensors)))
+        rows.append(("adaptive_misinformation", size,
+                     AdaptiveMisinformation(surrogate, threshold=0.5, slope=50.0)))
     rows.append(("reverse_sigmoid", None, ReverseSigmoid()))
     rows.append(("random", None, RandomNoise(eps, seed=setup.seed)))
     return rows
