@@ -250,5 +250,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--budget", type=int, default=4000, help="thief queries per version")
     parser.add_argument("--clone-epochs", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the figures in docs/results.md)")
     parser.set_defaults(func=_demo_command)
