@@ -5,7 +5,7 @@ sizes that keep every row independent of its batch-mates."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,47 +143,24 @@ def load_served_model(
 
     target = None
     if defense_config.target_file is not None:
-        target_path = model_dir / defense_config.target_file
-        if not target_path.is_file():
-            raise ConfigError(
-                "defense.target_file", f"{defense_config.target_file} is not in the archive"
-            )
         if surrogate is None:
             raise ConfigError("defense.target_file", "a target needs a surrogate")
         from grad2.targets import load as load_target
 
-        try:
-            target = load_target(target_path, surrogate)
-        except ConfigError:
-            raise
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise ConfigError("defense.target_file", str(error)) from None
+        target = _read_packed(model_dir, "target_file", defense_config.target_file,
+                              lambda path: load_target(path, surrogate))
 
     key = None
     if defense_config.mapping_key is not None:
         from grad2.gate import read_key
 
-        key_path = model_dir / defense_config.mapping_key
-        if not key_path.is_file():
-            raise ConfigError(
-                "defense.mapping_key", f"{defense_config.mapping_key} is not in the archive"
-            )
-        try:
-            key = read_key(key_path)
-        except (ValueError, OSError) as error:
-            raise ConfigError("defense.mapping_key", str(error)) from None
+        key = _read_packed(model_dir, "mapping_key", defense_config.mapping_key, read_key)
 
     gate_tensors = None
     if defense_config.gate_file is not None:
-        gate_path = model_dir / defense_config.gate_file
-        if not gate_path.is_file():
-            raise ConfigError(
-                "defense.gate_file", f"{defense_config.gate_file} is not in the archive"
-            )
-        try:
-            gate_tensors = torch.load(gate_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle, zip and torch errors all mean "not a gate"
-            raise ConfigError("defense.gate_file", f"{gate_path.name}: {error}") from None
+        gate_tensors = _read_packed(
+            model_dir, "gate_file", defense_config.gate_file,
+            lambda path: torch.load(path, map_location="cpu", weights_only=True))
 
     defense = build_defense(defense_config, surrogate=surrogate, target=target, key=key,
                             gate_tensors=gate_tensors)
@@ -219,6 +196,20 @@ def clean_probabilities(
         logits = victim(x) if batch_sizes is None else invariant_map(victim, (x,), batch_sizes,
                                                                     lone)
     return torch.softmax(logits.float(), dim=1)
+
+
+def _read_packed(model_dir: Path, key: str, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(model_dir / name)`` for the file ``defense.<key>`` names; a missing or
+    unreadable file raises :class:`ConfigError` naming ``defense.<key>``."""
+    path = model_dir / name
+    if not path.is_file():
+        raise ConfigError(f"defense.{key}", f"{name} is not in the archive")
+    try:
+        return read(path)
+    except ConfigError:
+        raise
+    except Exception as error:  # pickle, zip, torch and parsing errors: not such a file
+        raise ConfigError(f"defense.{key}", f"{name}: {error}") from None
 
 
 def _load_network(path: Path, key: str) -> tuple[torch.nn.Module, dict[str, Any]]:
