@@ -290,16 +290,29 @@ class GRAD2(Redirection):
             raise ValueError(f"unknown score method {score_method!r}; "
                              f"known: {', '.join(SCORE_METHODS)}")
 
-    @classmethod
-    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> GRAD2:
+    @staticmethod
+    def config_target(config: DefenseConfig, surrogate: nn.Module,
+                      target: Target | None) -> str | Target:
+        """The ``target`` argument a ``defense:`` section means: a target name, a seeded
+        ``random`` direction, or the tensor dict read from ``target_file`` (checked against
+        ``surrogate``; a mismatch raises :class:`ConfigError` naming ``target_file``)."""
         if config.target == "random":
-            target = targets.random(surrogate, config.seed)
-        elif config.target in ("all_ones", "min_ip"):
-            target = config.target
-        elif target is None:
+            return targets.random(surrogate, config.seed)
+        if config.target in ("all_ones", "min_ip"):
+            return config.target
+        if target is None:
             raise ConfigError(
                 "defense.target_file", f"target {config.target} needs its tensor file"
             )
+        try:
+            targets.check(target, surrogate)
+        except ValueError as error:
+            raise ConfigError("defense.target_file", str(error)) from error
+        return target
+
+    @classmethod
+    def from_config(cls, config, surrogate, target, key=None, gate_tensors=None) -> GRAD2:
+        target = cls.config_target(config, surrogate, target)
         try:
             return cls(surrogate, config.epsilon, target, config.scores, config.preserve_top1)
         except ValueError as error:
@@ -402,7 +415,7 @@ class GatedGRAD2(GRAD2):
     @classmethod
     def from_config(cls, config, surrogate, target, key=None, gate_tensors=None
                     ) -> GatedGRAD2:
-        base = GRAD2.from_config(config, surrogate, target)
+        target = cls.config_target(config, surrogate, target)
         mapping = None
         if config.ood_answer == "permute":
             if key is None:
@@ -412,8 +425,7 @@ class GatedGRAD2(GRAD2):
             mapping = gate.keyed_mapping(key, num_classes)
         try:
             return cls(surrogate, config.epsilon, config.epsilon_ood, config.gate_threshold,
-                       config.gate_slope, config.ood_answer, mapping,
-                       base.target if base.target is not None else base.target_name,
+                       config.gate_slope, config.ood_answer, mapping, target,
                        config.scores, config.preserve_top1, gate_tensors)
         except ValueError as error:
             raise ConfigError("defense.gate_file" if gate_tensors is not None
