@@ -489,11 +489,11 @@ def verification_pixels(train_images: np.ndarray) -> np.ndarray:
 
 
 def ownership_p(defender: Defender, model: nn.Module, images: Tensor, clean: Tensor) -> dict:
-    """Permutation test of ``model`` for the keyed mapping on the gated verification images."""
-    gated = defender.gate_scores(images) < defender.knobs["grad2_gated_permute"]
-    tops = clean.argmax(1)[gated].numpy()
+    """Permutation test of ``model`` for the keyed mapping on ``images`` (the verification
+    images the gate flags) with the victim's clean answers ``clean``."""
+    tops = clean.argmax(1).numpy()
     with torch.inference_mode():
-        suspect = model.eval()(images[gated]).argmax(1).numpy()
+        suspect = model.eval()(images).argmax(1).numpy()
     receivers = defender.mapping.numpy()[tops]
     verdict = permutation_test(suspect, tops, receivers, 10, draws=OWNERSHIP_DRAWS)
     return {"p_value": verdict.p_value, "follows": verdict.follows_receiver,
@@ -623,6 +623,8 @@ def ownership_report(defender: Defender, runs: list[Run]) -> dict:
         suspects[name] = ("innocent", model)
     results: dict[str, dict] = {}
     for kind, images in verification_images(defender).items():
+        gated = defender.gate_scores(images) < defender.knobs[RECOMMENDED]
+        images = images[gated]
         clean = predict_probs(lab.victim, images)
         results[kind] = {"accused": {}, "innocent": {}}
         for name, (group, model) in suspects.items():
