@@ -44,16 +44,24 @@ def write_model_config(path: Path, epsilon: float, batch_size: int = 8,
     return path
 
 
+def write_checkpoints(folder: Path, victim_seed: int, surrogate_seed: int,
+                      class_names: list[str] | tuple[str, ...]) -> Path:
+    """Random-init ``small_cnn`` victim and surrogate (``victim.pt``, ``surrogate.pt`` with
+    their metadata) and ``index_to_name.json`` in ``folder``; returns the names file."""
+    torch.manual_seed(victim_seed)
+    save_checkpoint(build_model("small_cnn"), folder / "victim.pt")
+    torch.manual_seed(surrogate_seed)
+    save_checkpoint(build_model("small_cnn"), folder / "surrogate.pt")
+    names = folder / "index_to_name.json"
+    names.write_text(json.dumps({str(i): name for i, name in enumerate(class_names)}))
+    return names
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Random-init victim and surrogate (different seeds) and class names."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    torch.manual_seed(0)
-    save_checkpoint(build_model("small_cnn"), folder / "victim.pt")
-    torch.manual_seed(1)
-    save_checkpoint(build_model("small_cnn"), folder / "surrogate.pt")
-    names = folder / "index_to_name.json"
-    names.write_text(json.dumps({str(i): name for i, name in enumerate(CLASS_NAMES)}))
+    names = write_checkpoints(folder, 0, 1, CLASS_NAMES)
     return {"victim": folder / "victim.pt", "surrogate": folder / "surrogate.pt",
             "index_to_name": names, "folder": folder}
 

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import stop_and_check_gone, write_model_config
+from conftest import stop_and_check_gone, write_checkpoints, write_model_config
 from ts_client import png, predict_raw
 
 from grad2.cli import main
 from grad2.lab.attack import APIClient, QueryError, encode_png
 from grad2.lab.data import FASHION_CLASSES
-from grad2.models import build_model, load_checkpoint, save_checkpoint
+from grad2.models import load_checkpoint
 from grad2.serve import Ports, TorchServeServer, build_archive, start_server
 
 pytestmark = pytest.mark.integration
@@ -39,12 +39,7 @@ GRAD2 = Path(sys.executable).with_name("grad2")
 @pytest.fixture(scope="module")
 def named_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeServer]:
     folder = tmp_path_factory.mktemp("named")
-    torch.manual_seed(0)
-    save_checkpoint(build_model("small_cnn"), folder / "victim.pt")
-    torch.manual_seed(1)
-    save_checkpoint(build_model("small_cnn"), folder / "surrogate.pt")
-    names = folder / "index_to_name.json"
-    names.write_text(json.dumps({str(i): name for i, name in enumerate(FASHION_CLASSES)}))
+    names = write_checkpoints(folder, 0, 1, FASHION_CLASSES)
     store = folder / "store"
     build_archive(MODEL, "1.0", folder / "victim.pt",
                   write_model_config(folder / "config.yaml", 0.5, batch_size=8),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import stop_and_check_gone, write_model_config
+from conftest import stop_and_check_gone, write_checkpoints, write_model_config
 from ts_client import predict_raw
 
 from grad2 import gate
@@ -24,7 +24,6 @@ from grad2.cli import main
 from grad2.lab.attack import APIClient, encode_png
 from grad2.lab.data import FASHION_CLASSES, load_fashion_mnist, thief_pool
 from grad2.lab.ownership import verify_suspect
-from grad2.models import build_model, save_checkpoint
 from grad2.serve import Ports, TorchServeServer, build_archive, start_server
 from grad2.serve.archive import open_archive
 from grad2.serve.loader import clean_probabilities
@@ -45,12 +44,7 @@ def write_pngs(folder: Path, images: np.ndarray) -> Path:
 def gated(tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[TorchServeServer, Path, dict]]:
     folder = tmp_path_factory.mktemp("gated")
-    torch.manual_seed(5)
-    save_checkpoint(build_model("small_cnn"), folder / "victim.pt")
-    torch.manual_seed(6)
-    save_checkpoint(build_model("small_cnn"), folder / "surrogate.pt")
-    names = folder / "index_to_name.json"
-    names.write_text(json.dumps({str(i): name for i, name in enumerate(FASHION_CLASSES)}))
+    names = write_checkpoints(folder, 5, 6, FASHION_CLASSES)
     fashion = load_fashion_mnist("test").images
     images = {
         "train": write_pngs(folder / "train", fashion[:300]),
