@@ -129,6 +129,33 @@ def set_memory_format(network: nn.Module, memory_format: str) -> nn.Module:
     return network.to(memory_format=layouts[memory_format])
 
 
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """``(name, layer)`` of ``model``'s last ``nn.Linear`` in module order (a classifier's
+    head); raises ``ValueError`` when it has none."""
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear)]
+    if not found:
+        raise ValueError("the network has no nn.Linear layer")
+    return found[-1]
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, D]``: the input of ``model``'s last ``nn.Linear`` (its feature vector) for
+    inputs ``x``, computed in eval mode (restored afterwards), without gradients."""
+    _, layer = last_linear(model)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(
+        lambda module, args, out: captured.append(args[0].detach()))
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        handle.remove()
+        model.train(training)
+    return captured[-1].flatten(1)
+
+
 class SurrogateEnsemble(nn.Module):
     """Several surrogates as one model (``[B, C, H, W]`` -> ``[B, K]``): the sum of the
     members' log-probabilities, a product of experts.

@@ -1,0 +1,113 @@
+"""Answers of every shipped example ``model-config.yaml`` on one fixed batch, computed the
+way the worker computes them (archive files unpacked, :func:`load_served_model`, batch
+plans, clean probabilities, defense).
+
+``python tests/shipped_answers.py`` writes ``tests/data/shipped_answers.pt``: the inputs,
+each config's ``defense:`` section and its answers. ``test_shipped_answers.py`` recomputes
+them with the code of the day and compares bit for bit, so a refactor that changes an
+answer fails. Networks, keys, gate and target files are seeded, not trained.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+STORED = Path(__file__).parent / "data" / "shipped_answers.pt"
+TEMPLATES = Path(__file__).resolve().parents[1] / "grad2" / "serve" / "templates" / "model-configs"
+KEY = b"shipped-answers-key-0123456789ab"
+BATCH = 12
+#: Configs renamed since the answers were stored: stored name -> what serves it now.
+RENAMED: dict[str, dict] = {}
+
+
+def shipped_configs() -> dict[str, dict]:
+    """``name -> whole model-config mapping`` of every shipped example."""
+    return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(TEMPLATES.glob("*.yaml"))}
+
+
+def inputs(seed: int = 0) -> torch.Tensor:
+    """``[BATCH, 1, 28, 28]`` seeded pixels in ``[0, 1]``; a few rows nearly blank (OOD)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(BATCH, 1, 28, 28, generator=generator)
+    pixels[::3] *= 0.05
+    return pixels
+
+
+def stage(model_dir: Path, defense: dict) -> None:
+    """Write the seeded files ``defense`` names into ``model_dir``."""
+    from grad2.gate import fit_feature_gate, penultimate
+    from grad2.models import build_model, save_checkpoint
+    from grad2.targets import random as random_target
+    from grad2.targets import save as save_target
+
+    torch.manual_seed(1)
+    save_checkpoint(build_model("small_cnn", 10, 1), model_dir / "victim.pt")
+    surrogate = None
+    if defense.get("surrogate"):
+        torch.manual_seed(2)
+        surrogate = build_model("small_cnn", 10, 1).eval()
+        save_checkpoint(surrogate, model_dir / defense["surrogate"])
+    if defense.get("target_file"):
+        save_target(random_target(surrogate, 3), model_dir / defense["target_file"])
+    if defense.get("mapping_key"):
+        (model_dir / defense["mapping_key"]).write_bytes(KEY.hex().encode())
+    if defense.get("gate_file"):
+        reference = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            features = penultimate(surrogate, reference)
+        gate_tensors = fit_feature_gate(features, torch.arange(64) % 10, 10)
+        torch.save(gate_tensors, model_dir / defense["gate_file"])
+
+
+def answers(model_dir: Path, config: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` answers of the archive staged in ``model_dir`` for ``pixels``."""
+    from grad2.serve.codec import normalise
+    from grad2.serve.loader import load_served_model
+
+    served = load_served_model(model_dir, config)
+    served.plan_batches(config.get("batchSize", 1))
+    x = normalise(pixels, served.input_config)
+    probs = served.probabilities(x)
+    with torch.enable_grad():
+        return served.defense(x, probs).detach()
+
+
+def served_config(config: dict) -> dict:
+    """A shipped config as the snapshot serves it: the gated example's threshold moved so
+    that about half of the fixed batch is gated (its shipped value gates nothing here)."""
+    config = {**config, "defense": dict(config["defense"])}
+    if config["defense"].get("gate_score") == "features":
+        config["defense"]["gate_threshold"] = -4000.0
+        config["defense"]["gate_slope"] = 0.005
+    return config
+
+
+def compute(configs: dict[str, dict], workdir: Path) -> dict[str, torch.Tensor]:
+    pixels = inputs()
+    result = {}
+    for name, config in configs.items():
+        model_dir = workdir / name
+        model_dir.mkdir(parents=True)
+        stage(model_dir, config["defense"])
+        result[name] = answers(model_dir, config, pixels)
+    return result
+
+
+def main() -> None:
+    import tempfile
+
+    configs = {name: served_config(config) for name, config in shipped_configs().items()}
+    with tempfile.TemporaryDirectory() as workdir:
+        result = compute(configs, Path(workdir))
+    STORED.parent.mkdir(exist_ok=True)
+    torch.save({"pixels": inputs(), "configs": configs, "answers": result,
+                "torch": torch.__version__}, STORED)
+    print(f"wrote {STORED}: {', '.join(result)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
