@@ -26,7 +26,8 @@ RENAMED: dict[str, dict] = {}
 
 def shipped_configs() -> dict[str, dict]:
     """``name -> whole model-config mapping`` of every shipped example."""
-    return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(TEMPLATES.glob("*.yaml"))}
+    return {path.stem: yaml.safe_load(path.read_text())
+            for path in sorted(TEMPLATES.glob("*.yaml"))}
 
 
 def inputs(seed: int = 0) -> torch.Tensor:

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
 import shipped_answers
+import torch
 
 STORED = torch.load(shipped_answers.STORED, weights_only=False)
 
