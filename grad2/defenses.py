@@ -25,6 +25,7 @@ from torch.func import functional_call, jacrev, vmap
 from grad2 import gate, targets
 from grad2.batching import invariant_map, lone_agrees, probe_sizes
 from grad2.config import ConfigError, DefenseConfig
+from grad2.models import last_linear, penultimate
 from grad2.redirect import redirect, separate_top
 from grad2.scores import METHODS as SCORE_METHODS
 from grad2.scores import Target, redirection_scores, tangent_like
@@ -396,7 +397,7 @@ class GatedGRAD2(GRAD2):
         self.threshold, self.slope = _check_gate(threshold, slope, gate_tensors is None)
         if gate_tensors is not None:
             gate_tensors = dict(gate_tensors)
-            gate.check_feature_gate(gate_tensors, _last_linear(surrogate).in_features)
+            gate.check_feature_gate(gate_tensors, last_linear(surrogate)[1].in_features)
         self.gate_tensors = gate_tensors
         if ood_answer not in self.OOD_ANSWERS:
             raise ValueError(f"ood_answer must be one of {', '.join(self.OOD_ANSWERS)}, "
@@ -435,7 +436,7 @@ class GatedGRAD2(GRAD2):
         """``[B]`` in-distribution scores ``s(x)`` (low = likely OOD)."""
         if self.gate_tensors is None:
             return gate.max_softmax(probs)
-        features = gate.penultimate(self.surrogate, x)
+        features = penultimate(self.surrogate, x)
         return gate.feature_score(features, self.gate_tensors).to(probs.dtype)
 
     def gate_weights(self, x: Tensor, probs: Tensor) -> Tensor:
@@ -512,17 +513,10 @@ def _check_gate(threshold: float, slope: float, probability: bool = True
     return threshold, slope
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ValueError("the network has no nn.Linear layer")
-    return linear[-1]
-
-
 def _output_size(model: nn.Module) -> int:
     """The class count of a classifier: its last ``nn.Linear``'s output size."""
     try:
-        return _last_linear(model).out_features
+        return last_linear(model)[1].out_features
     except ValueError:
         raise ConfigError("defense.surrogate", "cannot tell the class count: no nn.Linear"
                           ) from None

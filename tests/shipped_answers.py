@@ -40,8 +40,8 @@ def inputs(seed: int = 0) -> torch.Tensor:
 
 def stage(model_dir: Path, defense: dict) -> None:
     """Write the seeded files ``defense`` names into ``model_dir``."""
-    from grad2.gate import fit_feature_gate, penultimate
-    from grad2.models import build_model, save_checkpoint
+    from grad2.gate import fit_feature_gate
+    from grad2.models import build_model, penultimate, save_checkpoint
     from grad2.targets import random as random_target
     from grad2.targets import save as save_target
 
@@ -65,16 +65,24 @@ def stage(model_dir: Path, defense: dict) -> None:
 
 
 def answers(model_dir: Path, config: dict, pixels: torch.Tensor) -> torch.Tensor:
-    """``[B, K]`` answers of the archive staged in ``model_dir`` for ``pixels``."""
+    """``[B, K]`` answers of the archive staged in ``model_dir`` for ``pixels``, each row
+    computed as a pair with itself, on one thread (as a worker runs)."""
     from grad2.serve.codec import normalise
     from grad2.serve.loader import load_served_model
 
     served = load_served_model(model_dir, config)
-    served.plan_batches(config.get("batchSize", 1))
+    # Every row as a pair with itself: the reference that the worker's batch plans
+    # reproduce, without the plans' timing-dependent choice of sizes.
+    served.defense.batch_sizes, served.defense.lone = (), False
     x = normalise(pixels, served.input_config)
-    probs = served.probabilities(x)
-    with torch.enable_grad():
-        return served.defense(x, probs).detach()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probs = served.probabilities(x)
+        with torch.enable_grad():
+            return served.defense(x, probs).detach()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def served_config(config: dict) -> dict:
