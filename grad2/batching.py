@@ -154,9 +154,9 @@ def probe_sizes(fn: RowFunction, inputs: Sequence[Tensor], max_batch: int) -> tu
     """The batch sizes in ``2..max_batch`` at which every row of ``fn`` equals its
     reference (the row as a pair with itself), up to the size that costs least per row.
 
-    Larger batches are not always cheaper: a small CNN's working set outgrows the CPU's
-    cache (``small_cnn``'s JVP costs 1.3x more per row at 16 rows than at 8 here), so
-    sizes beyond the fastest agreeing one are left out (:func:`time_agreeing_sizes`).
+    Larger batches are not always cheaper per row (a small CNN's working set can outgrow
+    the CPU's cache: docs/performance.md, "Batch plans"), so sizes beyond the fastest
+    agreeing one are left out (:func:`time_agreeing_sizes`).
     """
     seconds_per_row = time_agreeing_sizes(fn, inputs, max_batch)
     if not seconds_per_row:

@@ -4,9 +4,10 @@
 direction given as a dict keyed like ``model.named_parameters()``. Three independent
 computations are offered (they agree to numerical precision; the tests check it):
 
-- ``"jvp"``: forward mode; one pass, about two to three forward passes of cost,
-  independent of ``K``. Eval batch-norms that follow a convolution are folded into it
-  first (:mod:`grad2.folding`: same scores up to rounding). Where every layer of the
+- ``"jvp"``: forward mode; one pass (three convolutions per convolution, two for the
+  first), independent of ``K`` (docs/performance.md measures it against a forward).
+  Eval batch-norms that follow a convolution are folded into it first
+  (:mod:`grad2.folding`: same scores up to rounding). Where every layer of the
   (folded) network has an explicit tangent rule (:mod:`grad2.tangent_rules`:
   convolutions, linear layers, batch-norm, pools, common activations, ``+``, ``*``,
   reshapes) the primal and the tangent run as plain tensor operations; otherwise through
@@ -165,8 +166,9 @@ _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, TangentProgram | None] = (
 
 def _program(network: nn.Module, check: bool = True) -> TangentProgram | None:
     """``network``'s :class:`TangentProgram`, compiled on first use and again if its
-    submodules change (``check=False`` skips that walk over the submodules, ~20 us: a
-    folded network is a new module whenever it is refolded)."""
+    submodules change (``check=False`` skips that walk over the submodules, for a folded
+    network, which is a new module whenever it is refolded; docs/performance.md,
+    "Optimisations made", measures the walk)."""
     return _cached(_PROGRAMS, network, compile_rules, check)
 
 

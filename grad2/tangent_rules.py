@@ -1,16 +1,17 @@
 """JVP scores by explicit tangent rules: plain tensor operations, no autograd.
 
 Forward mode through ``torch.autograd.forward_ad`` pays the autograd machinery on every
-operation (dual tensors, a forward-mode formula looked up and dispatched per call): at the
-serving batch sizes of a small surrogate that overhead weighs as much as the arithmetic
-(docs/performance.md). Most classifiers are built from a handful of layer types whose
-tangent rules are short, so :func:`compile_rules` traces a network once with ``torch.fx``
-and, when *every* node has a rule here, returns a :class:`TangentProgram` that runs the
-primal and the tangent side by side as ordinary tensor operations under ``no_grad``:
+operation (dual tensors, a forward-mode formula looked up and dispatched per call);
+docs/performance.md, "Channels-last and tangent rules", measures what that costs a small
+surrogate at serving batch sizes. Most classifiers are built from a handful of layer types
+whose tangent rules are short, so :func:`compile_rules` traces a network once with
+``torch.fx`` and, when *every* node has a rule here, returns a :class:`TangentProgram`
+that runs the primal and the tangent side by side as ordinary tensor operations under
+``no_grad``:
 
 - convolution / linear ``y = W x + b``: ``ẏ = W ẋ + Ẇ x + ḃ`` (two calls, one where the
-  input has no tangent: the first layer). Stacking ``[W; Ẇ]`` into one call of twice the
-  output channels was tried and was slower on this CPU build (oneDNN);
+  input has no tangent: the first layer), not one call on ``[W; Ẇ]`` of twice the
+  output channels (docs/performance.md, "Channels-last and tangent rules");
 - eval batch-norm ``y = (x − μ)·s + β``, ``s = γ / sqrt(σ² + eps)``:
   ``ẏ = ẋ·s + (x − μ)/sqrt(σ² + eps)·γ̇ + β̇``;
 - ReLU, Hardswish, Hardsigmoid, SiLU, sigmoid, tanh, GELU: ``ẏ = f'(x)·ẋ`` through the
