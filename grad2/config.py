@@ -1,40 +1,28 @@
 """Typed, validated sections of ``model-config.yaml``.
 
 ``defense:`` selects and parameterises the defense; ``input:`` says how request images
-become the victim's input tensor. Every bad value raises :class:`ConfigError` naming the
-key and what is allowed, so a model with a wrong configuration refuses to load instead
-of serving undefended answers.
+become the victim's input tensor; ``handler:`` how the worker runs the networks. Every bad
+value raises :class:`ConfigError` naming the key and what is allowed, so a model with a
+wrong configuration refuses to load instead of serving undefended answers.
+
+The ``defense:`` section has a few keys every method shares (:data:`COMMON_KEYS`); the
+rest belong to the chosen method, whose class declares them as :class:`Param` objects
+(:mod:`grad2.defenses`). This module holds the checks, never the list of methods.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol
 
-from grad2.scores import METHODS as SCORE_METHODS
-
-TARGETS = ("all_ones", "min_ip", "watermark", "random", "file")
 ON_FAILURE = ("reject", "top1")
 OUTPUTS = ("probabilities", "topk")
-#: How ``grad2_gated`` spends the budget of out-of-distribution queries.
-OOD_ANSWERS = ("permute", "redirect")
-#: What a gate scores: the maximum softmax probability, or the Mahalanobis score of the
-#: surrogate's features (``defense.gate_file``).
-GATE_SCORES = ("msp", "features")
-#: Targets read from a tensor file packed in the archive.
-FILE_TARGETS = ("watermark", "file")
 #: The ε grid that tuning and the evaluation sweep by default.
 EPSILON_GRID: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(11))
-
-
-def defense_classes() -> dict[str, type]:
-    """The served methods, ``name -> class`` (:data:`grad2.defenses.DEFENSES`, the one list
-    of method names; each class says what it needs)."""
-    from grad2.defenses import DEFENSES  # defenses imports this module
-
-    return DEFENSES
 
 
 class ConfigError(ValueError):
@@ -95,141 +83,175 @@ def _reject_unknown(section: str, raw: Mapping[str, Any], known: set[str]) -> No
         )
 
 
+#: Reads a file a ``defense:`` key names: ``read(path, surrogate) -> object``.
+FileReader = Callable[[Path, Any], Any]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One ``defense:`` key of a method: its name, default, kind and allowed values.
+
+    ``kind`` is ``number`` (in ``[low, high]``), ``integer`` (in ``[low, high]``),
+    ``choice`` (one of ``choices``), ``flag`` (true/false) or ``file`` (a file name
+    packed in the archive, or null; the loader reads it with ``read`` and hands the result
+    to the defense).
+    """
+
+    name: str
+    default: Any
+    kind: str
+    doc: str
+    low: float = -math.inf
+    high: float = math.inf
+    choices: tuple[str, ...] = ()
+    read: FileReader | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("number", "integer", "choice", "flag", "file")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"Param {self.name}: kind must be one of {self.KINDS}")
+        if self.read is not None and self.kind != "file":
+            raise ValueError(f"Param {self.name}: only a file key has a reader")
+
+    def validate(self, value: Any) -> Any:
+        """``value`` checked (numbers as floats); raises :class:`ConfigError` naming
+        ``defense.<name>``."""
+        section = "defense"
+        if self.kind == "number":
+            return _number(section, self.name, value, self.low, self.high)
+        if self.kind == "integer":
+            return _integer(section, self.name, value, int(self.low), int(self.high))
+        if self.kind == "choice":
+            return _choice(section, self.name, value, self.choices)
+        if self.kind == "flag":
+            return _flag(section, self.name, value)
+        return _optional_name(section, self.name, value)
+
+    @property
+    def allowed(self) -> str:
+        """The allowed values, for docs and messages."""
+        if self.kind == "integer":
+            return f"{int(self.low)} to {int(self.high)}"
+        if self.kind == "number":
+            return f"{self.low:g} to {self.high:g}"
+        if self.kind == "choice":
+            return " \\| ".join(self.choices)
+        return "true \\| false" if self.kind == "flag" else "a file in the archive"
+
+
+def number(name: str, default: float, low: float, high: float, doc: str) -> Param:
+    """A number key in ``[low, high]``."""
+    return Param(name, float(default), "number", doc, low, high)
+
+
+def integer(name: str, default: int, low: int, high: int, doc: str) -> Param:
+    """An integer key in ``[low, high]``."""
+    return Param(name, default, "integer", doc, low, high)
+
+
+def choice(name: str, default: str, choices: tuple[str, ...], doc: str) -> Param:
+    """A key taking one of ``choices``."""
+    return Param(name, default, "choice", doc, choices=choices)
+
+
+def flag(name: str, default: bool, doc: str) -> Param:
+    """A true/false key."""
+    return Param(name, default, "flag", doc)
+
+
+def packed_file(name: str, doc: str, read: FileReader) -> Param:
+    """A key naming a file packed in the archive (default: none), loaded by ``read``."""
+    return Param(name, None, "file", doc, read=read)
+
+
+class DefenseSpec(Protocol):
+    """What :meth:`DefenseConfig.from_dict` asks of a method's class."""
+
+    params: ClassVar[tuple[Param, ...]]
+    needs_surrogate: ClassVar[bool]
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None: ...
+
+
+#: Keys every method takes: ``name -> Param``.
+COMMON_KEYS: dict[str, Param] = {param.name: param for param in (
+    choice("method", "grad2", (), "the defense (see the methods below)"),
+    Param("surrogate", "surrogate.pt", "file", "the defense's network, packed in the archive "
+          "(state_dict + .json); ignored by methods that need none"),
+    choice("on_failure", "reject", ON_FAILURE,
+           "when the defense fails: 503 without probabilities, or the top-1 label only"),
+    choice("output", "probabilities", OUTPUTS, "all classes, or the topk largest"),
+    integer("topk", 5, 1, 100_000, "classes in a topk answer"),
+)}
+
+
 @dataclass(frozen=True)
 class DefenseConfig:
-    """The ``defense:`` section. Field defaults are the product's defaults."""
+    """The ``defense:`` section, validated: the common keys and the method's own
+    ``params`` (every key its class declares, defaults filled in)."""
 
     method: str = "grad2"
-    epsilon: float = 0.5
-    target: str = "all_ones"
-    target_file: str | None = None
+    defense: Any = field(default=None, compare=False, repr=False)
+    params: Mapping[str, Any] = field(default_factory=dict)
     surrogate: str | None = "surrogate.pt"
-    preserve_top1: bool = False
-    scores: str = "jvp"
     on_failure: str = "reject"
     output: str = "probabilities"
     topk: int = 5
-    #: Seed of the ``random`` target and of the ``random`` defense.
-    seed: int = 0
-    #: Decimals kept by ``rounding``.
-    decimals: int = 2
-    #: Strength and slope of ``reverse_sigmoid``.
-    beta: float = 0.7
-    gamma: float = 0.4
-    #: Out-of-distribution gate (``grad2_gated``, ``adaptive_misinformation``): queries
-    #: whose ``gate_score`` falls below ``gate_threshold`` count as OOD, with a sigmoid of
-    #: slope ``gate_slope``; ``features`` reads its detector from ``gate_file``.
-    gate_score: str = "msp"
-    gate_threshold: float = 0.9
-    gate_slope: float = 50.0
-    gate_file: str | None = None
-    #: ``grad2_gated``: the extra L1 budget of an OOD query, and how it is spent.
-    epsilon_ood: float = 2.0
-    ood_answer: str = "permute"
-    #: ``grad2_gated`` with ``permute``: the archive's file holding the secret key of the
-    #: class mapping (kept out of this public config).
-    mapping_key: str | None = None
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> DefenseConfig:
-        """Validate a ``defense:`` mapping; raises :class:`ConfigError` naming the key."""
+    def from_dict(cls, raw: Mapping[str, Any] | None,
+                  defenses: Mapping[str, DefenseSpec]) -> DefenseConfig:
+        """Validate a ``defense:`` mapping against the method classes ``defenses``
+        (``name -> class``; :func:`grad2.defenses.parse_config` passes the registry);
+        raises :class:`ConfigError` naming the key."""
         section = "defense"
         if raw is None:
             raise ConfigError(section, "missing; a served model must name its defense")
-        known = {f.name for f in fields(cls)}
-        _reject_unknown(section, raw, known)
-        merged = {**asdict(cls()), **raw}
-        method = _choice(section, "method", merged["method"], tuple(defense_classes()))
-        config = cls(
-            method=method,
-            epsilon=_number(section, "epsilon", merged["epsilon"], 0.0, 2.0),
-            target=_choice(section, "target", merged["target"], TARGETS),
-            target_file=_optional_name(section, "target_file", merged["target_file"]),
-            surrogate=_optional_name(section, "surrogate", merged["surrogate"]),
-            preserve_top1=_flag(section, "preserve_top1", merged["preserve_top1"]),
-            scores=_choice(section, "scores", merged["scores"], SCORE_METHODS),
-            on_failure=_choice(section, "on_failure", merged["on_failure"], ON_FAILURE),
-            output=_choice(section, "output", merged["output"], OUTPUTS),
-            topk=_integer(section, "topk", merged["topk"], 1, 100_000),
-            seed=_integer(section, "seed", merged["seed"], 0, 2**63 - 1),
-            decimals=_integer(section, "decimals", merged["decimals"], 0, 8),
-            beta=_number(section, "beta", merged["beta"], 0.0, 1e6),
-            gamma=_number(section, "gamma", merged["gamma"], 1e-6, 1e6),
-            gate_score=_choice(section, "gate_score", merged["gate_score"], GATE_SCORES),
-            gate_threshold=_number(section, "gate_threshold", merged["gate_threshold"],
-                                   -1e12, 1e12),
-            gate_file=_optional_name(section, "gate_file", merged["gate_file"]),
-            gate_slope=_number(section, "gate_slope", merged["gate_slope"], 1e-3, 1e6),
-            epsilon_ood=_number(section, "epsilon_ood", merged["epsilon_ood"], 0.0, 2.0),
-            ood_answer=_choice(section, "ood_answer", merged["ood_answer"], OOD_ANSWERS),
-            mapping_key=_optional_name(section, "mapping_key", merged["mapping_key"]),
-        )
-        config._check_combination()
-        return config
-
-    def _check_combination(self) -> None:
-        if self.needs_surrogate and self.surrogate is None:
-            raise ConfigError(
-                "defense.surrogate", f"method {self.method} needs a surrogate state_dict file"
-            )
-        if self.preserve_top1 and not defense_classes()[self.method].can_keep_top1:
-            hint = "; use method mad_argmax" if self.method == "mad" else ""
-            capable = [name for name, cls in defense_classes().items() if cls.can_keep_top1]
-            raise ConfigError(
-                "defense.preserve_top1",
-                f"method {self.method} cannot keep the top-1 label{hint}; "
-                f"methods that can: {', '.join(capable)}",
-            )
-        uses_key = defense_classes()[self.method].keyed and self.ood_answer == "permute"
-        if uses_key and self.mapping_key is None:
-            raise ConfigError("defense.mapping_key",
-                              "ood_answer permute needs the file of its secret key "
-                              "(grad2 keygen writes one; grad2 archive --mapping-key packs it)")
-        if self.mapping_key is not None and not uses_key:
-            raise ConfigError("defense.mapping_key",
-                              "only used by method grad2_gated with ood_answer permute; remove it")
-        method = defense_classes()[self.method]
-        if self.gate_score == "msp" and method.gated and not 0 <= self.gate_threshold <= 1:
-            raise ConfigError("defense.gate_threshold",
-                              f"a maximum softmax probability threshold lies in [0, 1], got "
-                              f"{self.gate_threshold}")
-        if self.gate_score == "features" and not method.feature_gate:
-            capable = [name for name, cls in defense_classes().items() if cls.feature_gate]
-            raise ConfigError("defense.gate_score",
-                              f"method {self.method} gates on msp only; features: "
-                              f"{', '.join(capable)}")
-        if (self.gate_score == "features") != (self.gate_file is not None):
-            raise ConfigError("defense.gate_file",
-                              "gate_score features needs a gate_file (grad2 gate writes one), "
-                              "and only it uses one")
-        if self.method == "grad2_gated" and self.target == "min_ip":
-            raise ConfigError("defense.target", "grad2_gated needs a fixed target, not min_ip")
-        if self.uses_target_file and self.target in FILE_TARGETS and self.target_file is None:
-            raise ConfigError(
-                "defense.target_file", f"target {self.target} needs a tensor file in the archive"
-            )
-        if self.target_file is not None and (
-            not self.uses_target_file or self.target not in FILE_TARGETS
-        ):
-            raise ConfigError(
-                "defense.target_file",
-                "only used by methods grad2 and grad2_gated with target watermark or file; "
-                "remove it",
-            )
+        if not isinstance(raw, Mapping):
+            raise ConfigError(section, f"must be a mapping, got {type(raw).__name__}")
+        method = _choice(section, "method", raw.get("method", "grad2"), tuple(defenses))
+        spec = defenses[method]
+        own = {param.name: param for param in spec.params}
+        for key in sorted(set(raw) - set(COMMON_KEYS) - set(own)):
+            takers = sorted(name for name, other in defenses.items()
+                            if any(param.name == key for param in other.params))
+            if takers:
+                raise ConfigError(f"{section}.{key}", f"method {method} does not take it; "
+                                                      f"methods that do: {', '.join(takers)}")
+            raise ConfigError(f"{section}.{key}", "unknown key; allowed keys for method "
+                              f"{method} are {', '.join(sorted({*COMMON_KEYS, *own}))}")
+        params = {name: param.validate(raw.get(name, param.default))
+                  for name, param in own.items()}
+        common = {name: COMMON_KEYS[name].validate(raw.get(name, COMMON_KEYS[name].default))
+                  for name in ("surrogate", "on_failure", "output", "topk")}
+        if spec.needs_surrogate and common["surrogate"] is None:
+            raise ConfigError(f"{section}.surrogate",
+                              f"method {method} needs a surrogate state_dict file")
+        spec.check_params(params)
+        return cls(method=method, defense=spec, params=MappingProxyType(params), **common)
 
     @property
-    def uses_target_file(self) -> bool:
-        """Whether this method reads ``target``/``target_file`` (the GRAD² methods)."""
-        return defense_classes()[self.method].takes_target
+    def files(self) -> dict[str, str]:
+        """``key -> file name`` of the method's files the loader reads (keys set, with a
+    reader)."""
+        return {param.name: self.params[param.name] for param in self.defense.params
+                if param.read is not None and self.params[param.name] is not None}
 
     @property
     def needs_surrogate(self) -> bool:
-        return defense_classes()[self.method].needs_surrogate
+        return self.defense.needs_surrogate
 
     @property
     def budgeted(self) -> bool:
-        """Whether ``epsilon`` applies to this method."""
-        return defense_classes()[self.method].budgeted
+        """Whether ``epsilon`` (an L1 budget) applies to this method."""
+        return "epsilon" in self.params
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as ``model-config.yaml`` spells it (defaults filled in)."""
+        return {"method": self.method, **self.params, "surrogate": self.surrogate,
+                "on_failure": self.on_failure, "output": self.output, "topk": self.topk}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: How far a top-1-preserving answer keeps the clean top class above every other class,
+#: so that a client's ``argmax`` never reads a tie as a flip (:func:`solve_answers`).
+TOP1_MARGIN = 1e-6
+
 #: Iterations of the golden-section search over the top class's level (preserve_top1).
 #: The bracket shrinks by 0.618 per step: 80 steps take a width-1 bracket below 1e-16.
 _GOLDEN_STEPS = 80
@@ -268,3 +272,29 @@ class _BoxProblem:
 def _first_exceeding(cumulative: Tensor, thresholds: Tensor) -> Tensor:
     """Index of the first entry of each (nondecreasing) ``cumulative`` row > threshold."""
     return torch.searchsorted(cumulative.contiguous(), thresholds.contiguous(), right=True)
+
+
+def solve_answers(probs: Tensor, scores: Tensor, epsilon: float | Tensor,
+                  preserve_top1: bool) -> Tensor:
+    """``[B, K]`` answers of the redirection LP for ``scores`` ``[B, K]`` within ``epsilon``
+    (a float or a ``[B]`` tensor); with ``preserve_top1`` the clean top class is kept
+    :data:`TOP1_MARGIN` above every other class, that margin paid from the budget."""
+    if not preserve_top1:
+        return redirect(probs, scores, epsilon)
+    # Reserve the L1 that separating ties costs, then separate; a budget too small for
+    # the full margin gets a smaller one, so the answer never spends more than epsilon.
+    others = max(probs.shape[1] - 1, 1)
+    if isinstance(epsilon, Tensor):
+        margin = (epsilon.to(probs.dtype) / (2 * others)).clamp(max=TOP1_MARGIN).unsqueeze(1)
+        budget = (epsilon.to(probs.dtype) - 2 * margin.squeeze(1) * others).clamp_min(0)
+    else:
+        margin = min(TOP1_MARGIN, epsilon / (2 * others))
+        budget = max(epsilon - 2 * margin * others, 0.0)
+    defended = redirect(probs, scores, budget, preserve_top1=True)
+    return separate_top(defended, probs, margin)
+
+
+def push_scores(probs: Tensor, receivers: Tensor) -> Tensor:
+    """``[B, K]`` scores that send the budget to ``receivers`` ``[B]``, taken from the
+    likeliest classes first."""
+    return (-probs).scatter(1, receivers.unsqueeze(1), 2.0)

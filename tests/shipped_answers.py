@@ -20,8 +20,9 @@ STORED = Path(__file__).parent / "data" / "shipped_answers.pt"
 TEMPLATES = Path(__file__).resolve().parents[1] / "grad2" / "serve" / "templates" / "model-configs"
 KEY = b"shipped-answers-key-0123456789ab"
 BATCH = 12
-#: Configs renamed since the answers were stored: stored name -> what serves it now.
-RENAMED: dict[str, dict] = {}
+#: Stored configs no longer shipped, and the keys that serve them now: `target: watermark`
+#: became the lab's research, served as the `file` target it always was.
+RENAMED: dict[str, dict] = {"watermark": {"target": "file"}}
 
 
 def shipped_configs() -> dict[str, dict]:
@@ -67,8 +68,7 @@ def stage(model_dir: Path, defense: dict) -> None:
 def answers(model_dir: Path, config: dict, pixels: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` answers of the archive staged in ``model_dir`` for ``pixels``, each row
     computed as a pair with itself, on one thread (as a worker runs)."""
-    from grad2.serve.codec import normalise
-    from grad2.serve.loader import load_served_model
+    from grad2.serve import load_served_model, normalise
 
     served = load_served_model(model_dir, config)
     # Every row as a pair with itself: the reference that the worker's batch plans

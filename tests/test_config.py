@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from grad2 import targets
-from grad2.config import ConfigError, DefenseConfig, HandlerConfig, InputConfig
+from grad2.config import ConfigError, HandlerConfig, InputConfig
 from grad2.defenses import (
     DEFENSES,
     GRAD2,
@@ -22,6 +22,7 @@ from grad2.defenses import (
     Rounding,
     Top1,
     build_defense,
+    parse_config,
 )
 
 torch.set_num_threads(1)
@@ -71,11 +72,12 @@ BAD_DEFENSE_VALUES = [
     ({"method": "mad", "preserve_top1": True}, "defense.preserve_top1"),
     ({"method": "rounding", "preserve_top1": True}, "defense.preserve_top1"),
     ({"method": "reverse_sigmoid", "preserve_top1": True}, "defense.preserve_top1"),
-    ({"target": "watermark"}, "defense.target_file"),  # needs its tensor file
-    ({"target": "file"}, "defense.target_file"),
-    ({"target": "watermark", "target_file": "a/b.pt"}, "defense.target_file"),
+    ({"target": "watermark"}, "defense.target"),  # research: served as target file
+    ({"target": "min_ip"}, "defense.target"),  # depends on the batch: lab only
+    ({"target": "file"}, "defense.target_file"),  # needs its tensor file
+    ({"target": "file", "target_file": "a/b.pt"}, "defense.target_file"),
     ({"target": "all_ones", "target_file": "t.pt"}, "defense.target_file"),  # not used
-    ({"method": "mad", "target": "watermark", "target_file": "t.pt"}, "defense.target_file"),
+    ({"method": "mad", "target": "file", "target_file": "t.pt"}, "defense.target"),
     ({"method": "grad2_gated"}, "defense.mapping_key"),  # permute needs its key
     ({"method": "grad2_gated", "ood_answer": "redirect", "mapping_key": "k"},
      "defense.mapping_key"),
@@ -89,8 +91,8 @@ BAD_DEFENSE_VALUES = [
      "defense.gate_threshold"),  # an msp threshold is a probability
     ({"method": "grad2_gated", "mapping_key": "k", "gate_slope": 0}, "defense.gate_slope"),
     ({"method": "grad2_gated", "mapping_key": "k", "target": "min_ip"}, "defense.target"),
-    ({"method": "adaptive_misinformation", "gate_score": "features", "gate_file": "g.pt"},
-     "defense.gate_score"),
+    ({"method": "adaptive_misinformation", "gate_score": "features"}, "defense.gate_score"),
+    ({"method": "adaptive_misinformation", "gate_file": "g.pt"}, "defense.gate_file"),
     ({"method": "adaptive_misinformation", "surrogate": None}, "defense.surrogate"),
 ]
 
@@ -99,7 +101,7 @@ BAD_DEFENSE_VALUES = [
                          ids=[f"{k}-{i}" for i, (_, k) in enumerate(BAD_DEFENSE_VALUES)])
 def test_bad_defense_values_name_their_key(raw, key):
     with raises_naming(key) as caught:
-        DefenseConfig.from_dict(raw)
+        parse_config(raw)
     assert caught.value.key == key
     assert isinstance(caught.value, ValueError)
     # build_defense validates a raw mapping the same way.
@@ -109,19 +111,22 @@ def test_bad_defense_values_name_their_key(raw, key):
 
 def test_missing_or_malformed_section():
     with raises_naming("defense"):
-        DefenseConfig.from_dict(None)
+        parse_config(None)
     with raises_naming("defense"):
-        DefenseConfig.from_dict(["method", "grad2"])
+        parse_config(["method", "grad2"])
 
 
-def test_mad_hint_points_to_mad_argmax():
-    with pytest.raises(ConfigError, match="mad_argmax"):
-        DefenseConfig.from_dict({"method": "mad", "preserve_top1": True})
+def test_a_key_of_another_method_names_the_methods_that_take_it():
+    with pytest.raises(ConfigError, match="methods that do: .*mad_argmax"):
+        parse_config({"method": "mad", "preserve_top1": True})
 
 
 def test_preserve_top1_is_accepted_where_it_holds():
-    for method in ("grad2", "random", "none", "top1", "mad_argmax"):
-        assert DefenseConfig.from_dict({"method": method, "preserve_top1": True}).preserve_top1
+    for method in ("grad2", "grad2_gated", "random", "none", "top1", "mad_argmax"):
+        raw = {"method": method, "preserve_top1": True}
+        if method == "grad2_gated":
+            raw["mapping_key"] = "k"
+        assert parse_config(raw).params["preserve_top1"]
 
 
 @pytest.mark.parametrize("method", ["grad2", "mad", "mad_argmax"])
@@ -130,10 +135,10 @@ def test_build_without_surrogate_names_the_key(method):
         build_defense({"method": method}, surrogate=None)
 
 
-def test_build_watermark_without_tensors_names_target_file(surrogate):
-    config = {"target": "watermark", "target_file": "watermark.pt"}
+def test_build_file_target_without_tensors_names_target_file(surrogate):
+    config = {"target": "file", "target_file": "watermark.pt"}
     with raises_naming("defense.target_file"):
-        build_defense(config, surrogate=surrogate, target=None)
+        build_defense(config, surrogate=surrogate, files={})
 
 
 @pytest.mark.parametrize("problem", ["shape", "unknown", "empty", "nan"])
@@ -149,7 +154,7 @@ def test_build_with_a_target_that_does_not_fit_names_target_file(surrogate, prob
         target["4.bias"] = torch.tensor([0.0, math.nan, 1.0])
     config = {"target": "file", "target_file": "target.pt"}
     with raises_naming("defense.target_file"):
-        build_defense(config, surrogate=surrogate, target=target)
+        build_defense(config, surrogate=surrogate, files={"target_file": target})
 
 
 GOOD = [
@@ -170,9 +175,9 @@ GOOD = [
 def test_good_configs_build_the_right_class(surrogate, raw, cls):
     defense = build_defense(raw, surrogate=surrogate)
     assert type(defense) is cls
-    config = DefenseConfig.from_dict(raw)
+    config = parse_config(raw)
     if hasattr(defense, "epsilon"):
-        assert defense.epsilon == config.epsilon
+        assert defense.epsilon == config.params["epsilon"]
     assert repr(defense).startswith(cls.__name__)
     # Every defense answers a batch on the simplex.
     x = torch.randn(4, 1, 6, 6)
@@ -182,23 +187,27 @@ def test_good_configs_build_the_right_class(surrogate, raw, cls):
 
 
 def test_config_accepts_exactly_the_registry_and_its_capabilities():
-    """The method names, and which need a surrogate, a budget, or can keep top-1, come from
-    the defense classes (one list): every registered method validates, others do not."""
+    """The method names, their keys, and which need a surrogate come from the defense
+    classes (one list): every registered method validates with its own keys and defaults,
+    refuses the keys it does not declare, and other names do not validate."""
     for name, cls in DEFENSES.items():
         raw = {"method": name, "surrogate": "s.pt" if cls.needs_surrogate else None}
-        if cls.keyed:
+        own = {param.name: param for param in cls.params}
+        if "mapping_key" in own:
             raw["mapping_key"] = "mapping.key"
-        config = DefenseConfig.from_dict(raw)
+        config = parse_config(raw)
+        assert config.defense is cls
         assert config.needs_surrogate == cls.needs_surrogate
-        assert config.budgeted == cls.budgeted
-        if cls.can_keep_top1:
-            DefenseConfig.from_dict({**raw, "preserve_top1": True})
-        else:
-            with pytest.raises(ConfigError, match=r"defense\.preserve_top1"):
-                DefenseConfig.from_dict({**raw, "preserve_top1": True})
+        assert config.budgeted == ("epsilon" in own)
+        assert set(config.params) == set(own)
+        for key, param in own.items():
+            assert config.params[key] == raw.get(key, param.default)
+        for key in {p.name for other in DEFENSES.values() for p in other.params} - set(own):
+            with raises_naming(f"defense.{key}"):
+                parse_config({**raw, key: None})
     for control in ("control_random_scores", "jvp_cheap", "RandomScores"):
         with pytest.raises(ConfigError, match=r"defense\.method"):
-            DefenseConfig.from_dict({"method": control})
+            parse_config({"method": control})
 
 
 def test_parameters_reach_the_defense(surrogate):
@@ -213,7 +222,6 @@ def test_parameters_reach_the_defense(surrogate):
     assert (grad2.epsilon, grad2.score_method, grad2.preserve_top1) == (
         0.7, "double_backward", True)
     assert grad2.target_name == "all_ones"
-    assert build_defense({"target": "min_ip"}, surrogate=surrogate).target_name == "min_ip"
 
 
 def test_random_and_file_targets(surrogate):
@@ -223,20 +231,22 @@ def test_random_and_file_targets(surrogate):
     assert all(torch.equal(seeded.target[n], expected[n]) for n in expected)
 
     watermark = targets.watermark(surrogate, torch.randn(2, 1, 6, 6), torch.tensor([0, 2]))
-    built = build_defense({"target": "watermark", "target_file": "watermark.pt"},
-                          surrogate=surrogate, target=watermark)
+    built = build_defense({"target": "file", "target_file": "watermark.pt"},
+                          surrogate=surrogate, files={"target_file": watermark})
     assert built.target_name == "tensor"
     assert all(torch.equal(built.target[n], watermark[n]) for n in watermark)
 
 
 def test_defaults_are_the_product_defaults():
-    config = DefenseConfig.from_dict({})
-    assert (config.method, config.epsilon, config.target, config.scores) == (
+    config = parse_config({})
+    params = config.params
+    assert (config.method, params["epsilon"], params["target"], params["scores"]) == (
         "grad2", 0.5, "all_ones", "jvp")
-    assert (config.preserve_top1, config.on_failure, config.surrogate) == (
+    assert (params["preserve_top1"], config.on_failure, config.surrogate) == (
         False, "reject", "surrogate.pt")
-    assert DefenseConfig.from_dict({"epsilon": 0}).epsilon == 0.0
-    assert DefenseConfig.from_dict({"epsilon": 2}).epsilon == 2.0
+    assert parse_config({"epsilon": 0}).params["epsilon"] == 0.0
+    assert parse_config({"epsilon": 2}).params["epsilon"] == 2.0
+    assert parse_config({}).to_dict()["epsilon"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from grad2 import targets
 from grad2.defenses import (
     GRAD2,
     MAD,
-    TOP1_MARGIN,
     MADArgmax,
     NoDefense,
     RandomNoise,
@@ -30,8 +29,8 @@ from grad2.defenses import (
     build_defense,
     last_layer_mad_deviation,
 )
-from grad2.lab.controls import FixedClassPush, RandomScores, ShuffledScores
-from grad2.redirect import redirect
+from grad2.lab.controls import FixedClassPush, MinIPGRAD2, RandomScores, ShuffledScores
+from grad2.redirect import TOP1_MARGIN, redirect
 from grad2.scores import redirection_scores
 
 torch.set_num_threads(1)
@@ -240,7 +239,7 @@ def test_grad2_equals_solver_on_explicit_scores(setup):
 def test_grad2_min_ip_uses_the_batch_gradient(setup):
     model, x, probs = setup
     expected_scores = redirection_scores(model, x, targets.min_ip(model, x, probs))
-    defense = GRAD2(model, 0.5, target="min_ip")
+    defense = MinIPGRAD2(model, 0.5)
     assert torch.allclose(defense.scores(x, probs), expected_scores, atol=1e-12, rtol=0)
 
 
@@ -510,10 +509,10 @@ def test_every_configurable_score_method_builds_and_agrees() -> None:
     """``defense.scores`` accepts what the library computes (the config validates against
     :data:`grad2.scores.METHODS` itself), and GRAD² answers alike with each method on a
     small BN CNN (float64)."""
-    from grad2.config import SCORE_METHODS
     from grad2.scores import METHODS
 
-    assert SCORE_METHODS is METHODS
+    (scores,) = (param for param in GRAD2.params if param.name == "scores")
+    assert scores.choices is METHODS
     torch.manual_seed(0)
     surrogate = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),

@@ -13,6 +13,7 @@ from grad2 import gate
 from grad2.config import ConfigError
 from grad2.defenses import AdaptiveMisinformation, GatedGRAD2, build_defense
 from grad2.lab.train import misinformation_loss
+from grad2.models import last_linear
 from tests.nets import tiny_net
 
 torch.set_num_threads(1)
@@ -196,13 +197,13 @@ def test_build_defense_reads_the_key_and_gate_file():
     surrogate = tiny_net(0)
     key = b"z" * 32
     config = {"method": "grad2_gated", "mapping_key": "mapping.key", "epsilon": 0.1}
-    defense = build_defense(config, surrogate=surrogate, key=key)
-    classes = [m for m in surrogate.modules() if isinstance(m, nn.Linear)][-1].out_features
+    defense = build_defense(config, surrogate=surrogate, files={"mapping_key": key})
+    classes = last_linear(surrogate)[1].out_features
     assert torch.equal(defense.mapping, gate.keyed_mapping(key, classes))
     with pytest.raises(ConfigError, match=r"^defense\.mapping_key:"):
-        build_defense(config, surrogate=surrogate, key=None)
+        build_defense(config, surrogate=surrogate, files={})
     bad_gate = {"means": torch.zeros(classes, 3), "precision": torch.eye(3)}
     with pytest.raises(ConfigError, match=r"^defense\.gate_file:"):
         build_defense({**config, "gate_score": "features", "gate_file": "gate.pt",
-                       "gate_threshold": -5.0}, surrogate=surrogate, key=key,
-                      gate_tensors=bad_gate)
+                       "gate_threshold": -5.0}, surrogate=surrogate,
+                      files={"mapping_key": key, "gate_file": bad_gate})

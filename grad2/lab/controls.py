@@ -1,13 +1,17 @@
 """The evaluation's controls: the GRAD² solver driven by scores that carry no gradient
-information, which tell gradient steering apart from a class-bias push. Research only:
-never in the served registry (:data:`grad2.defenses.DEFENSES`)."""
+information, which tell gradient steering apart from a class-bias push, and the paper's
+uncoordinated ``min_ip`` ablation. Research only: never in the served registry
+(:data:`grad2.defenses.DEFENSES`)."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from grad2.defenses import GRAD2, Redirection, push_scores
+from grad2 import targets
+from grad2.defenses import GRAD2, Redirection
+from grad2.redirect import push_scores
+from grad2.scores import redirection_scores
 
 
 class RandomScores(Redirection):
@@ -53,3 +57,19 @@ class FixedClassPush(Redirection):
             raise ValueError(f"receiver {self.receiver} >= number of classes {probs.shape[1]}")
         receivers = torch.full((probs.shape[0],), self.receiver, device=probs.device)
         return push_scores(probs, receivers)
+
+
+class MinIPGRAD2(Redirection):
+    """The paper's uncoordinated ablation: GRAD² along ``t = −mean_batch(Gᵀy)``
+    (:func:`grad2.targets.min_ip`), recomputed for every batch. Its answers depend on
+    their batch-mates, so it is never served."""
+
+    def __init__(self, surrogate: nn.Module, epsilon: float, score_method: str = "jvp",
+                 preserve_top1: bool = False) -> None:
+        super().__init__(epsilon, preserve_top1)
+        self.surrogate = surrogate.eval()
+        self.score_method = score_method
+
+    def scores(self, x: Tensor, probs: Tensor) -> Tensor:
+        target = targets.min_ip(self.surrogate, x, probs)
+        return redirection_scores(self.surrogate, x, target, self.score_method).to(probs.dtype)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from grad2.config import ConfigError, DefenseConfig, HandlerConfig, InputConfig
+from grad2.defenses import parse_config
 from grad2.serve.codec import check_defended, normalise
 from grad2.serve.loader import (
     INDEX_TO_NAME_FILE,
@@ -58,7 +59,7 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def check_model_config(raw: Mapping[str, Any]) -> tuple[DefenseConfig, InputConfig]:
     """Validate a whole ``model-config.yaml`` mapping: ``defense:``, ``input:`` and the
     TorchServe keys this project relies on. Raises :class:`ConfigError` naming the key."""
-    defense = DefenseConfig.from_dict(raw.get("defense"))
+    defense = parse_config(raw.get("defense"))
     spec = InputConfig.from_dict(raw.get("input"))
     HandlerConfig.from_dict(raw.get("handler"))
     for key, low in TORCHSERVE_INT_KEYS.items():
@@ -83,24 +84,27 @@ def _checkpoint_pair(path: Path, what: str) -> tuple[Path, Path]:
     return path, metadata
 
 
+#: ``grad2 archive`` options that pack the file of a ``defense:`` key: key -> option.
+FILE_OPTIONS = {"target_file": "--target", "mapping_key": "--mapping-key",
+                "gate_file": "--gate-file"}
+
+
 def stage_archive_files(
     staging: Path,
     config_path: Path,
     victim: Path,
     surrogate: Path | None = None,
-    target: Path | None = None,
     index_to_name: Path | None = None,
-    mapping_key: Path | None = None,
-    gate_file: Path | None = None,
+    files: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Copy the archive's files into ``staging`` under the names the handler reads
-    (``victim.pt``/``.json``, ``defense.surrogate`` and its ``.json``,
-    ``defense.target_file``, ``defense.mapping_key``, ``defense.gate_file``,
-    ``index_to_name.json``,
-    ``model-config.yaml``).
-    Returns the parsed ``model-config.yaml``."""
+    (``victim.pt``/``.json``, ``defense.surrogate`` and its ``.json``, the file of every
+    ``defense:`` file key the method uses, given in ``files`` as ``key -> path``,
+    ``index_to_name.json``, ``model-config.yaml``). Returns the parsed
+    ``model-config.yaml``."""
     raw = read_model_config(Path(config_path))
     defense, _ = check_model_config(raw)
+    files = dict(files or {})
     copies: dict[str, Path] = {}
 
     def add(name: str, source: Path, key: str) -> None:
@@ -123,26 +127,15 @@ def stage_archive_files(
         raise ConfigError(
             "defense.surrogate", f"method {defense.method} needs a surrogate: pass --surrogate"
         )
-    if defense.target_file is not None:
-        if target is None:
-            raise ConfigError(
-                "defense.target_file", f"names {defense.target_file}: pass it with --target"
-            )
-        add(defense.target_file, Path(target), "defense.target_file")
-    elif target is not None:
-        raise ConfigError(
-            "defense.target_file", "is not set, but --target was given; name the file there"
-        )
-    for key, name, given, flag in (
-        ("defense.mapping_key", defense.mapping_key, mapping_key, "--mapping-key"),
-        ("defense.gate_file", defense.gate_file, gate_file, "--gate-file"),
-    ):
-        if name is not None:
-            if given is None:
-                raise ConfigError(key, f"names {name}: pass it with {flag}")
-            add(name, Path(given), key)
-        elif given is not None:
-            raise ConfigError(key, f"is not set, but {flag} was given; name the file there")
+    wanted = defense.files
+    for key in files:
+        if key not in wanted:
+            raise ConfigError(f"defense.{key}", f"is not set, but {_option(key)} was given; "
+                                                "name the file there")
+    for key, name in wanted.items():
+        if key not in files:
+            raise ConfigError(f"defense.{key}", f"names {name}: pass it with {_option(key)}")
+        add(name, Path(files[key]), f"defense.{key}")
     if index_to_name is not None:
         add(INDEX_TO_NAME_FILE, Path(index_to_name), "index_to_name")
     staging.mkdir(parents=True, exist_ok=True)
@@ -151,6 +144,11 @@ def stage_archive_files(
             raise FileNotFoundError(f"{source} not found")
         shutil.copyfile(source, staging / name)
     return raw
+
+
+def _option(key: str) -> str:
+    """How ``grad2 archive`` is given the file of ``defense.<key>``."""
+    return FILE_OPTIONS.get(key, f"--file {key}=PATH")
 
 
 def smoke_test(model_dir: Path, raw_config: Mapping[str, Any], batch_size: int = 2) -> None:
@@ -186,13 +184,11 @@ def build_archive(
     config: Path,
     export_path: Path,
     surrogate: Path | None = None,
-    target: Path | None = None,
     index_to_name: Path | None = None,
     force: bool = False,
     handler: Path = DEFAULT_HANDLER,
     archive_name: str | None = None,
-    mapping_key: Path | None = None,
-    gate_file: Path | None = None,
+    files: Mapping[str, Path] | None = None,
 ) -> Path:
     """Validate, then pack a ``.mar`` with ``torch-model-archiver``.
 
@@ -220,8 +216,8 @@ def build_archive(
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".grad2-archive-", dir=export_path) as work:
         staging = Path(work) / "files"
-        raw = stage_archive_files(staging, Path(config), Path(victim), surrogate, target,
-                                  index_to_name, mapping_key, gate_file)
+        raw = stage_archive_files(staging, Path(config), Path(victim), surrogate,
+                                  index_to_name, files)
         smoke_test(staging, raw)
         extras = sorted(
             str(path) for path in staging.iterdir()
@@ -293,28 +289,24 @@ class Archive:
                                  victim_file=self.victim_file.name)
 
     def rebuild(self, version: str, config: Path, export_path: Path,
-                surrogate: Path | None = None, target: Path | None = None,
-                archive_name: str | None = None, force: bool = False,
-                mapping_key: Path | None = None, gate_file: Path | None = None) -> Path:
+                surrogate: Path | None = None, archive_name: str | None = None,
+                force: bool = False, files: Mapping[str, Path] | None = None) -> Path:
         """A new version of this model: the same victim and class names, ``config`` as its
-        ``model-config.yaml``, and this archive's surrogate, target, mapping key and gate files
-        unless others are given (those the new config does not use are left out)."""
+        ``model-config.yaml``, and this archive's surrogate and the files of the new
+        config's file keys, unless others are given (``files``: key -> path); those the new
+        config does not use are left out."""
         raw = read_model_config(Path(config))
-        defense = DefenseConfig.from_dict(raw.get("defense"))
+        defense = parse_config(raw.get("defense"))
         if surrogate is None and defense.needs_surrogate:
             surrogate = self.file(defense.surrogate)
-        if target is None and defense.target_file is not None:
-            target = self.file(defense.target_file)
-        if mapping_key is None and defense.mapping_key is not None:
-            mapping_key = self.file(defense.mapping_key)
-        if gate_file is None and defense.gate_file is not None:
-            gate_file = self.file(defense.gate_file)
+        packed = {key: self.file(name) for key, name in defense.files.items()}
+        packed = {key: path for key, path in packed.items() if path is not None}
         return build_archive(
             name=self.name, version=version, victim=self.victim_file, config=Path(config),
-            export_path=export_path, surrogate=surrogate, target=target,
+            export_path=export_path, surrogate=surrogate,
             index_to_name=self.file(INDEX_TO_NAME_FILE),
             archive_name=archive_name or f"{self.name}_v{version}", force=force,
-            mapping_key=mapping_key, gate_file=gate_file,
+            files={**packed, **(files or {})},
         )
 
 

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from grad2.serve.archive import DEFAULT_HANDLER, DEFAULT_MODEL_STORE, build_archive
+from grad2.serve.archive import DEFAULT_HANDLER, DEFAULT_MODEL_STORE, FILE_OPTIONS, build_archive
 from grad2.serve.server import (
     DEFAULT_TS_CONFIG,
     DEFAULT_WORKDIR,
@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     archive.add_argument("--gate-file", type=Path,
                          help="feature gate tensor file (defense.gate_file; grad2 gate writes "
                          "one)")
+    archive.add_argument("--file", action="append", default=[], metavar="KEY=PATH",
+                         type=_file_option,
+                         help="the file of any defense: file key (repeatable), e.g. a key "
+                         "a new defense declares")
     archive.add_argument("--index-to-name", type=Path, help="index_to_name.json class names")
     archive.add_argument("--export-path", type=Path, default=DEFAULT_MODEL_STORE,
                          help="model store to write NAME.mar into (default: model_store)")
@@ -92,6 +96,24 @@ def _model_config(value: str) -> Path:
     return path
 
 
+def _file_option(value: str) -> tuple[str, Path]:
+    key, separator, path = value.partition("=")
+    if not separator or not key or not path:
+        raise argparse.ArgumentTypeError(f"expected KEY=PATH, got {value!r}")
+    return key, Path(path)
+
+
+def _archive_files(args: argparse.Namespace) -> dict[str, Path]:
+    """``key -> path`` of the files given by ``--target``, ``--mapping-key``,
+    ``--gate-file`` and ``--file KEY=PATH``."""
+    files = dict(args.file)
+    for key, option in FILE_OPTIONS.items():
+        given = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if given is not None:
+            files[key] = given
+    return files
+
+
 def _archive_command(args: argparse.Namespace) -> int:
     path = build_archive(
         name=args.name,
@@ -100,13 +122,11 @@ def _archive_command(args: argparse.Namespace) -> int:
         config=args.config,
         export_path=args.export_path,
         surrogate=args.surrogate,
-        target=args.target,
         index_to_name=args.index_to_name,
         force=args.force,
         handler=args.handler,
         archive_name=args.archive_name,
-        mapping_key=args.mapping_key,
-        gate_file=args.gate_file,
+        files=_archive_files(args),
     )
     print(f"wrote {path}")
     return 0

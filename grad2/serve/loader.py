@@ -97,16 +97,16 @@ def load_served_model(
     """Load and check what an archive holds (``model_dir`` is where it is unpacked).
 
     Validates ``defense:`` and ``input:``, loads the victim and the surrogate with
-    :func:`grad2.models.load_checkpoint`, the target with :func:`grad2.targets.load`,
-    and builds the defense with :func:`grad2.defenses.build_defense`. Any problem raises
+    :func:`grad2.models.load_checkpoint`, the files the method's keys name with each key's
+    reader, and builds the defense with :func:`grad2.defenses.build_defense`. Any problem raises
     :class:`ConfigError` naming the key, so a model never serves undefended.
     """
-    from grad2.defenses import build_defense
+    from grad2.defenses import build_defense, parse_config
     from grad2.models import set_memory_format
 
     if not isinstance(model_config, Mapping):
         raise ConfigError("model-config.yaml", "must be a mapping of keys to values")
-    defense_config = DefenseConfig.from_dict(model_config.get("defense"))
+    defense_config = parse_config(model_config.get("defense"))
     input_config = InputConfig.from_dict(model_config.get("input"))
     handler_config = HandlerConfig.from_dict(model_config.get("handler"))
 
@@ -141,29 +141,13 @@ def load_served_model(
                     f"{victim_meta[key]}",
                 )
 
-    target = None
-    if defense_config.target_file is not None:
-        if surrogate is None:
-            raise ConfigError("defense.target_file", "a target needs a surrogate")
-        from grad2.targets import load as load_target
-
-        target = _read_packed(model_dir, "target_file", defense_config.target_file,
-                              lambda path: load_target(path, surrogate))
-
-    key = None
-    if defense_config.mapping_key is not None:
-        from grad2.gate import read_key
-
-        key = _read_packed(model_dir, "mapping_key", defense_config.mapping_key, read_key)
-
-    gate_tensors = None
-    if defense_config.gate_file is not None:
-        gate_tensors = _read_packed(
-            model_dir, "gate_file", defense_config.gate_file,
-            lambda path: torch.load(path, map_location="cpu", weights_only=True))
-
-    defense = build_defense(defense_config, surrogate=surrogate, target=target, key=key,
-                            gate_tensors=gate_tensors)
+    # Every file key the method declares is read by its own reader; a missing or
+    # unreadable file names its key.
+    readers = {param.name: param.read for param in defense_config.defense.params}
+    files = {key: _read_packed(model_dir, key, name,
+                               lambda path, read=readers[key]: read(path, surrogate))
+             for key, name in defense_config.files.items()}
+    defense = build_defense(defense_config, surrogate=surrogate, files=files)
     class_names = read_class_names(model_dir / INDEX_TO_NAME_FILE, num_classes)
     return ServedModel(
         victim=victim,
