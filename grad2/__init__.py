@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     # solver
     "redirect": "grad2.redirect",
     "separate_top": "grad2.redirect",
+    "solve_answers": "grad2.redirect",
     # scores
     "Target": "grad2.scores",
     "redirection_scores": "grad2.scores",
@@ -46,17 +47,21 @@ _EXPORTS: dict[str, str] = {
     "ReverseSigmoid": "grad2.defenses",
     "GRAD2": "grad2.defenses",
     "RandomNoise": "grad2.defenses",
+    "GatedGRAD2": "grad2.defenses",
     "MAD": "grad2.defenses",
     "MADArgmax": "grad2.defenses",
+    "AdaptiveMisinformation": "grad2.defenses",
     "DEFENSES": "grad2.defenses",
     "build_defense": "grad2.defenses",
-    "solve_answers": "grad2.defenses",
+    "parse_config": "grad2.defenses",
+    "register": "grad2.defenses",
+    "keys_table": "grad2.defenses",
     # configuration
     "ConfigError": "grad2.config",
     "DefenseConfig": "grad2.config",
     "InputConfig": "grad2.config",
     "HandlerConfig": "grad2.config",
-    "EPSILON_GRID": "grad2.config",
+    "Param": "grad2.config",
     # models and checkpoints
     "build_model": "grad2.models",
     "set_memory_format": "grad2.models",

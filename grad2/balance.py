@@ -120,7 +120,7 @@ def balance_target(
     the first references).
     """
     if getattr(defense, "target", None) is None:
-        raise ValueError("balancing needs a GRAD2 defense with a fixed target (not min_ip)")
+        raise ValueError("balancing needs a GRAD2 defense with a fixed target")
     scores = torch.cat([
         defense.scores(references[start:start + batch_size], probs[start:start + batch_size])
         for start in range(0, len(references), batch_size)

@@ -26,8 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from grad2.serve.codec import decode_image, normalise
-from grad2.serve.loader import clean_probabilities, load_served_model
+from grad2.serve import clean_probabilities, decode_image, load_served_model, normalise
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -141,7 +140,7 @@ def test_lifecycle_on_another_model_and_other_images(tmp_path: Path) -> None:
     zipfile.ZipFile(work / "store" / "pics_v2.1.mar").extractall(unpacked)
     model = load_served_model(unpacked, yaml.safe_load((unpacked / "model-config.yaml")
                                                        .read_text()))
-    assert model.defense_config.epsilon == chosen
+    assert model.defense_config.params["epsilon"] == chosen
     x = normalise(decode_image(probe.read_bytes(), model.input_config)[None], model.input_config)
     clean = clean_probabilities(model.victim, x)
     with torch.enable_grad():

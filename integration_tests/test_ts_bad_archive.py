@@ -69,7 +69,8 @@ def test_bad_defense_section_never_becomes_ready(model_store: Path, tmp_path: Pa
         ({"method": "magic"}, "defense.method"),
         ({"scores": "guess"}, "defense.scores"),
         ({"typo_key": 1}, "defense.typo_key"),
-        ({"target": "watermark", "target_file": "wm.pt"}, "defense.target_file"),
+        ({"target": "watermark", "target_file": "wm.pt"}, "defense.target"),
+        ({"target": "file"}, "defense.target_file"),
     ],
 )
 def test_archive_refuses_bad_config_naming_the_key(checkpoints, tmp_path: Path,
@@ -94,11 +95,12 @@ def test_archive_refuses_a_surrogate_that_does_not_fit(checkpoints, tmp_path: Pa
         build_archive("m", "1.0", checkpoints["victim"], config, tmp_path / "store",
                       surrogate=tmp_path / "other.pt")
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wm.pt")
-    config = write_model_config(tmp_path / "model-config.yaml", 0.5, target="watermark",
+    config = write_model_config(tmp_path / "model-config.yaml", 0.5, target="file",
                                 target_file="wm.pt")
     with pytest.raises(ConfigError, match=r"defense\.target_file"):
         build_archive("m", "1.0", checkpoints["victim"], config, tmp_path / "store",
-                      surrogate=checkpoints["surrogate"], target=tmp_path / "wm.pt")
+                      surrogate=checkpoints["surrogate"],
+                      files={"target_file": tmp_path / "wm.pt"})
 
 
 def test_archive_cli_names_the_key(checkpoints, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TorchSe
                                 target="file", target_file="balanced.pt", preserve_top1=True)
     store = folder / "store"
     build_archive(MODEL, "1.0", folder / "victim.pt", config, store,
-                  surrogate=folder / "surrogate.pt", target=folder / "balanced.pt",
+                  surrogate=folder / "surrogate.pt", files={"target_file": folder / "balanced.pt"},
                   index_to_name=names)
     server = start_server(store, [f"{MODEL}={MODEL}.mar"], workdir=folder / "ts",
                           ports=Ports.free(), timeout=300)

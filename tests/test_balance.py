@@ -14,7 +14,7 @@ from scipy.optimize import linprog
 from grad2 import targets
 from grad2.balance import balance_offsets, balance_target, dual_value, marginal_gap
 from grad2.defenses import GRAD2
-from grad2.lab.controls import RandomScores
+from grad2.lab.controls import MinIPGRAD2, RandomScores
 from grad2.scores import redirection_scores
 
 torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def test_a_balanced_target_balances_through_the_defense():
 
 def test_balancing_needs_a_fixed_target():
     with pytest.raises(ValueError, match="fixed target"):
-        balance_target(GRAD2(tiny_net(0), 0.5, "min_ip"), torch.rand(4, 1, 28, 28),
+        balance_target(MinIPGRAD2(tiny_net(0), 0.5), torch.rand(4, 1, 28, 28),
                        torch.full((4, 10), 0.1))
 
 

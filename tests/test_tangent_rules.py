@@ -12,7 +12,8 @@ from grad2 import targets
 from grad2.folding import fold_batch_norm, folded_inputs
 from grad2.models import build_model, set_memory_format
 from grad2.scores import _program, path_scores, redirection_scores, tangent_like
-from grad2.tangent_rules import _gather_planes, compile_rules, log_softmax_tangent
+from grad2.tangent_ops import _gather_planes
+from grad2.tangent_rules import compile_rules, log_softmax_tangent
 
 
 class Functional(nn.Module):
