@@ -117,7 +117,7 @@ def test_missing_or_malformed_section():
 
 
 def test_a_key_of_another_method_names_the_methods_that_take_it():
-    with pytest.raises(ConfigError, match="methods that do: .*mad_argmax"):
+    with pytest.raises(ConfigError, match=r"methods that do: .*mad_argmax"):
         parse_config({"method": "mad", "preserve_top1": True})
 
 

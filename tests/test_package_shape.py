@@ -47,7 +47,7 @@ def test_no_import_cycle() -> None:
         state[name] = "open"
         for neighbour in sorted(graph[name]):
             if state.get(neighbour) == "open":
-                cycle = trail[trail.index(neighbour):] + [name, neighbour]
+                cycle = [*trail[trail.index(neighbour):], name, neighbour]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if neighbour not in state:
                 visit(neighbour, [*trail, name])
