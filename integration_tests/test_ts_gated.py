@@ -23,10 +23,15 @@ from grad2 import gate
 from grad2.cli import main
 from grad2.lab.attack import APIClient, encode_png
 from grad2.lab.data import FASHION_CLASSES, load_fashion_mnist, thief_pool
-from grad2.lab.ownership import verify_suspect
-from grad2.serve import Ports, TorchServeServer, build_archive, start_server
-from grad2.serve.archive import open_archive
-from grad2.serve.loader import clean_probabilities
+from grad2.serve import (
+    Ports,
+    TorchServeServer,
+    build_archive,
+    clean_probabilities,
+    open_archive,
+    start_server,
+)
+from grad2.tools.ownership import verify_suspect
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +101,7 @@ def test_served_answers_are_the_librarys_and_gated_ones_are_relabelled(gated) ->
         model = archive.load()
         secret = (folder / "secret" / "mapping.key").read_text().strip()
         assert secret not in archive.file("model-config.yaml").read_text()
-        from grad2.lab.images import open_images
+        from grad2.tools.images import open_images
 
         x = torch.cat([batch for batch, _, _ in open_images(
             images["animal"], model.input_config).batches(256, progress=False)]

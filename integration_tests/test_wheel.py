@@ -21,8 +21,7 @@ import torch
 import yaml
 from ts_client import assert_on_simplex, png
 
-from grad2.serve.codec import decode_image, normalise
-from grad2.serve.loader import clean_probabilities, load_served_model
+from grad2.serve import clean_probabilities, decode_image, load_served_model, normalise
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 

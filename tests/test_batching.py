@@ -79,7 +79,7 @@ _SCRIPT = textwrap.dedent(
     from grad2.config import InputConfig
     from grad2.defenses import GRAD2, MAD
     from grad2.models import build_model
-    from grad2.serve.loader import ServedModel, clean_probabilities
+    from grad2.serve import ServedModel, clean_probabilities
     torch.set_num_threads(1)
     results = {}
     for arch, channels, side in (("wide_cnn", 1, 28),

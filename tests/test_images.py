@@ -1,4 +1,4 @@
-"""Image folders read as the worker reads requests (grad2.lab.images): the same tensor as
+"""Image folders read as the worker reads requests (grad2.tools.images): the same tensor as
 the worker's decoder for the same file, refusals that name the folder or file, unreadable
 files skipped and counted, and memory that stays flat while a large folder streams."""
 
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from grad2.config import InputConfig
-from grad2.lab.images import ImageFolderError, images_needed, open_images
-from grad2.serve.codec import decode_image, normalise
+from grad2.serve import decode_image, normalise
+from grad2.tools.images import ImageFolderError, images_needed, open_images
 
 RGB32 = InputConfig.from_dict({"channels": 3, "height": 32, "width": 32,
                                "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]})
@@ -124,7 +124,7 @@ def test_images_needed_for_a_half_point_answer() -> None:
 STREAM = r"""
 import json, sys, psutil
 from grad2.config import InputConfig
-from grad2.lab.images import open_images
+from grad2.tools.images import open_images
 spec = InputConfig.from_dict({"channels": 3, "height": 96, "width": 96})
 images = open_images(sys.argv[1], spec)
 process = psutil.Process()

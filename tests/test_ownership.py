@@ -1,4 +1,4 @@
-"""The ownership permutation test (grad2.lab.ownership): a suspect that follows the
+"""The ownership permutation test (grad2.tools.ownership): a suspect that follows the
 defense's receiving classes is accused, one that predicts the clean top class or guesses
 is not, and the p-value is a valid permutation p-value."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grad2.lab.ownership import permutation_test
+from grad2.tools.ownership import permutation_test
 
 K, N = 10, 600
 

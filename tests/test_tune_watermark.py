@@ -12,8 +12,8 @@ from scipy.stats import binom
 
 from grad2 import targets
 from grad2.defenses import GRAD2, NoDefense
-from grad2.lab.tune import TunePoint, next_version, pick_epsilon, sweep_epsilon
 from grad2.lab.watermark import Secret, binomial_tail, create, make_triggers, verify_predictions
+from grad2.tools.tune import TunePoint, next_version, pick_epsilon, sweep_epsilon
 
 
 def _point(epsilon: float, drop: float) -> TunePoint:

@@ -1,6 +1,7 @@
 """What the TorchServe worker imports: the handler module, loading a model and defending a
-batch must not import the lab (``grad2.lab``) or its dependencies (matplotlib, tqdm,
-requests, scipy). Run in a fresh interpreter with those imports made to fail."""
+batch must not import the lab (``grad2.lab``), the operator's tools (``grad2.tools``) or
+their dependencies (matplotlib, tqdm, requests, scipy). Run in a fresh interpreter with
+those imports made to fail."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from grad2.models import build_model, save_checkpoint
 from grad2.serve.archive import stage_archive_files
 from grad2.serve.templates import template_path
 
-FORBIDDEN = ("matplotlib", "tqdm", "requests", "scipy", "grad2.lab")
+FORBIDDEN = ("matplotlib", "tqdm", "requests", "scipy", "grad2.lab", "grad2.tools")
 
 PROBE = r"""
 import importlib.abc, importlib.util, json, sys
@@ -32,8 +33,8 @@ attempts = []
 
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "grad2.lab" or name.startswith(("grad2.lab.", "matplotlib", "tqdm",
-                                                    "requests", "scipy")):
+        if name in ("grad2.lab", "grad2.tools") or name.startswith((
+                "grad2.lab.", "grad2.tools.", "matplotlib", "tqdm", "requests", "scipy")):
             attempts.append(name)
             raise ImportError(f"the worker must not import {name}")
         return None
@@ -74,7 +75,7 @@ print(json.dumps({
 """
 
 
-def test_worker_imports_no_lab_code_or_lab_dependencies(tmp_path: Path) -> None:
+def test_worker_imports_no_lab_or_tools_code_or_their_dependencies(tmp_path: Path) -> None:
     torch.manual_seed(0)
     save_checkpoint(build_model("small_cnn"), tmp_path / "victim.pt")
     torch.manual_seed(1)
@@ -94,7 +95,7 @@ def test_worker_imports_no_lab_code_or_lab_dependencies(tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["attempts"] == []
     assert report["loaded"] == []
-    assert not [name for name in report["grad2"] if name.startswith("grad2.lab")]
+    assert not [name for name in report["grad2"] if name.startswith(("grad2.lab", "grad2.tools"))]
     assert "grad2.serve.handler" in report["grad2"] and "grad2.defenses" in report["grad2"]
     # Nor the packaging and server tools: the worker runs handler, codec, loader and core.
     assert "grad2.serve.archive" not in report["grad2"]

@@ -21,12 +21,10 @@ from pathlib import Path
 import torch
 
 from grad2.config import ConfigError, defense_classes
-from grad2.lab.images import open_images
 from grad2.lab.train import CLONE_EPOCHS, padding_fill, predict_probs, train_clone
 from grad2.models import model_spec
-from grad2.serve.archive import open_archive
-from grad2.serve.codec import normalise
-from grad2.serve.loader import clean_probabilities
+from grad2.serve import clean_probabilities, normalise, open_archive
+from grad2.tools.images import open_images
 
 #: Budgets swept by default, and by ``--quick`` (minutes on 2 cores for small models).
 DEFAULT_EPSILONS = (0.0, 0.25, 0.5, 1.0)

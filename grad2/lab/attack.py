@@ -293,10 +293,10 @@ def folder_attack(
     Writes ``attack.json``, ``attack.png`` (per-class clone accuracy) and ``clone.pt``
     into ``out``; returns the report."""
     from grad2.config import InputConfig
-    from grad2.lab.images import ImageSet, image_files, open_images
     from grad2.lab.train import padding_fill
     from grad2.models import save_checkpoint
-    from grad2.serve.codec import normalise
+    from grad2.serve import normalise
+    from grad2.tools.images import ImageSet, image_files, open_images
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")

@@ -29,11 +29,11 @@ from grad2.lab import ood
 from grad2.lab.attack import APIClient
 from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
 from grad2.lab.evaluate import Lab
-from grad2.lab.ownership import verify_suspect
 from grad2.lab.train import set_threads, train_clone
 from grad2.models import save_checkpoint
 from grad2.serve import Ports, build_archive, start_server, stop_server
 from grad2.serve.templates import template_path
+from grad2.tools.ownership import verify_suspect
 
 MODEL = "fashion"
 VERSIONS = {"1.0": "none", "2.0": "grad2_gated"}

@@ -48,7 +48,6 @@ from grad2.lab.evaluate import (
     collapsed,
     prior_corrected_logits,
 )
-from grad2.lab.ownership import permutation_test
 from grad2.lab.train import (
     predict_probs,
     set_seed,
@@ -58,6 +57,7 @@ from grad2.lab.train import (
     train_surrogate,
 )
 from grad2.models import load_checkpoint, save_checkpoint
+from grad2.tools.ownership import permutation_test
 
 QUERIES = 4000
 SEEDS = (0, 1, 2)

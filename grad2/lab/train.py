@@ -380,7 +380,7 @@ def folder_channels(folder: Path, sample: int = 64) -> int:
     else 3: the channel count a victim of this folder takes."""
     from PIL import Image
 
-    from grad2.lab.images import image_files
+    from grad2.tools.images import image_files
 
     files = image_files(Path(folder))
     for path in files[:: max(1, len(files) // sample)]:
@@ -407,8 +407,8 @@ def train_victim_on_images(
     """
     from PIL import Image
 
-    from grad2.lab.images import folder_classes, image_files, open_images
-    from grad2.serve.codec import normalise
+    from grad2.serve import normalise
+    from grad2.tools.images import folder_classes, image_files, open_images
 
     started, cpu_started = time.perf_counter(), time.process_time()
     class_names = folder_classes(Path(folder))
@@ -466,9 +466,8 @@ def distill_from_archive(
     """The defender's early-stopped surrogate, distilled in process from the clean answers
     of ``archive``'s victim on the images of ``folder`` (any folder of images, decoded at
     the archive's input size). ``arch`` defaults to the victim's."""
-    from grad2.lab.images import open_images
-    from grad2.serve.archive import open_archive
-    from grad2.serve.codec import normalise
+    from grad2.serve import normalise, open_archive
+    from grad2.tools.images import open_images
 
     started = time.perf_counter()
     with open_archive(Path(archive)) as opened:

@@ -7,8 +7,8 @@ and writes the target (packed in the archive as ``defense.target_file``) and the
 (kept by the owner) to separate files. A clone trained on a ``target: watermark`` API's
 answers is steered toward mapping the triggers to their labels.
 
-``grad2 verify --secret S (--model clone.pt | --url URL)`` tests a suspect with two
-statistics, both exact under the null hypothesis "the suspect is independent of the
+``grad2 watermark verify --secret S (--model clone.pt | --url URL)`` tests a suspect with
+two statistics, both exact under the null hypothesis "the suspect is independent of the
 secret labels" (see :func:`verify_scores`):
 
 - matches: triggers whose top-1 class is the watermark label; one-sided binomial p-value
@@ -622,22 +622,6 @@ def _create_command(args: argparse.Namespace) -> int:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
-    if args.archive is not None:
-        from grad2.lab.attack import read_token
-        from grad2.lab.ownership import verify_suspect, write_verdict
-
-        if args.suspect is None or args.images is None:
-            raise ValueError("--archive needs --suspect MODEL.pt|URL and --images DIR")
-        verdict = verify_suspect(args.archive, args.suspect, args.images,
-                                 read_token(args.token_file) if args.token_file else None,
-                                 draws=args.draws)
-        print(verdict.summary())
-        if args.out is not None:
-            write_verdict(verdict, args.out)
-        return 0
-    if args.secret is None or (args.model is None and args.url is None):
-        raise ValueError("give --archive A.mar --suspect S --images DIR, or --secret with "
-                         "--model or --url")
     secret = Secret.load(args.secret)
     if args.model:
         model, _ = load_checkpoint(args.model)
@@ -666,7 +650,7 @@ def _add_equalize(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    watermark = subparsers.add_parser("watermark", help="create a watermark target and secret")
+    watermark = subparsers.add_parser("watermark", help="create, evaluate or verify a watermark")
     actions = watermark.add_subparsers(dest="action", required=True)
     create_parser = actions.add_parser("create", help="draw triggers, build the target")
     create_parser.add_argument("--surrogate", required=True, type=Path)
@@ -712,21 +696,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_evaluate_command)
 
-    verify = subparsers.add_parser(
-        "verify", help="test whether a suspect follows an archive's redirection (or a "
-        "watermark secret's triggers)")
-    verify.add_argument("--archive", type=Path,
-                        help="the served model version whose redirection is looked for")
-    verify.add_argument("--suspect", help="with --archive: a checkpoint (.pt) or a "
-                        "prediction URL")
-    verify.add_argument("--images", type=Path, help="with --archive: fresh images of the kind "
-                        "thieves send (a folder, searched recursively)")
-    verify.add_argument("--draws", type=int, default=10_000,
-                        help="random class relabellings of the permutation test")
-    verify.add_argument("--out", type=Path, help="write the verdict as JSON here")
-    verify.add_argument("--secret", type=Path, help="a watermark secret (grad2 watermark "
-                        "create) to test its triggers instead")
-    suspect = verify.add_mutually_exclusive_group()
+    verify = actions.add_parser("verify", help="test a suspect for a watermark secret's "
+                                "triggers")
+    verify.add_argument("--secret", type=Path, required=True,
+                        help="a watermark secret (grad2 watermark create)")
+    suspect = verify.add_mutually_exclusive_group(required=True)
     suspect.add_argument("--model", type=Path, help="a checkpoint (grad2 models format)")
     suspect.add_argument("--url", help="a prediction endpoint returning probabilities")
     verify.add_argument("--token-file", type=Path)

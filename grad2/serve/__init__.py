@@ -9,7 +9,13 @@
 - :mod:`grad2.serve.templates` — files shipped in the wheel (handler entry file,
   ``config.properties``, metrics, example ``model-config.yaml`` files).
 
-The worker imports the handler, codec and loader (and the core); never the lab.
+The worker imports the handler, codec and loader (and the core); never the lab or the
+operator's tools (:mod:`grad2.tools`).
+
+The package exports the serving API that the tools and the lab use: an archive opened
+(:func:`open_archive`), requests decoded as the worker decodes them (:func:`decode_image`,
+:func:`normalise`) and the victim's clean answers (:func:`clean_probabilities`). Modules
+outside ``grad2.serve`` import them from here, never from the modules that define them.
 """
 
 from __future__ import annotations
@@ -20,9 +26,18 @@ from typing import Any
 #: Public name -> the module that defines it (imported on first use, so the worker, which
 #: imports ``grad2.serve.handler``, loads neither the archive nor the server tools).
 _EXPORTS: dict[str, str] = {
+    "Archive": "grad2.serve.archive",
     "build_archive": "grad2.serve.archive",
     "check_model_config": "grad2.serve.archive",
+    "open_archive": "grad2.serve.archive",
     "read_manifest": "grad2.serve.archive",
+    "CHANNEL_MODES": "grad2.serve.codec",
+    "RequestError": "grad2.serve.codec",
+    "decode_image": "grad2.serve.codec",
+    "normalise": "grad2.serve.codec",
+    "ServedModel": "grad2.serve.loader",
+    "clean_probabilities": "grad2.serve.loader",
+    "load_served_model": "grad2.serve.loader",
     "Ports": "grad2.serve.server",
     "Tokens": "grad2.serve.server",
     "TorchServeServer": "grad2.serve.server",

@@ -33,7 +33,7 @@ from grad2.models import load_checkpoint
 
 def _target_command(args: argparse.Namespace) -> int:
     if args.archive is not None:
-        from grad2.serve.archive import open_archive
+        from grad2.serve import open_archive
 
         with open_archive(args.archive) as archive:
             served = archive.load()
@@ -51,7 +51,7 @@ def _reference_images(args: argparse.Namespace, spec: InputConfig | None) -> tor
     if args.images is not None:
         if spec is None:
             raise ValueError("--images needs --archive (its input section decodes them)")
-        from grad2.lab.images import open_images
+        from grad2.tools.images import open_images
 
         images = open_images(args.images, spec)
         inputs = [x for x, _, _ in images.batches(batch_size=256, progress=False)]

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from grad2.config import InputConfig
-from grad2.serve.codec import RequestError, decode_image, normalise
+from grad2.serve import RequestError, decode_image, normalise
 
 #: File suffixes read as images (what Pillow decodes among the worker's formats).
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
@@ -263,7 +263,7 @@ def _npz_pixels(images: np.ndarray, spec: InputConfig, path: Path) -> np.ndarray
     converts a decoded image (PIL mode conversion, bilinear resize)."""
     from PIL import Image
 
-    from grad2.serve.codec import CHANNEL_MODES
+    from grad2.serve import CHANNEL_MODES
 
     if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
         images = images.transpose(0, 2, 3, 1)  # [N, C, H, W] -> [N, H, W, C]

@@ -20,10 +20,15 @@ the archive's ``mapping_key``; images the gate lets through are not informative.
 
 Use fresh images of the kind thieves send (out of the victim's distribution), never the
 ones a target or gate was fitted on.
+
+A URL suspect is queried with the lab's HTTP client (:mod:`grad2.lab.attack`, the ``lab``
+extra); a checkpoint suspect needs only the library. The watermark test of the research
+(``--secret``) is ``grad2 watermark verify``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,9 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grad2.lab.images import open_images
-from grad2.serve.archive import open_archive
-from grad2.serve.loader import clean_probabilities
+from grad2.serve import clean_probabilities, open_archive
+from grad2.tools.images import open_images
 
 
 @dataclass
@@ -147,3 +151,34 @@ def verify_suspect(archive: Path, suspect: str, images: Path, token: str | None 
 
 def write_verdict(verdict: Verdict, path: Path) -> None:
     path.write_text(json.dumps(asdict(verdict), indent=1))
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    token = None
+    if args.token_file is not None:
+        from grad2.lab.attack import read_token
+
+        token = read_token(args.token_file)
+    verdict = verify_suspect(args.archive, args.suspect, args.images, token, draws=args.draws)
+    print(verdict.summary())
+    if args.out is not None:
+        write_verdict(verdict, args.out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    verify = subparsers.add_parser(
+        "verify", help="test whether a suspect follows an archive's redirection")
+    verify.add_argument("--archive", type=Path, required=True,
+                        help="the served model version whose redirection is looked for")
+    verify.add_argument("--suspect", required=True,
+                        help="a checkpoint (.pt) or a prediction URL")
+    verify.add_argument("--images", type=Path, required=True,
+                        help="fresh images of the kind thieves send (a folder, searched "
+                             "recursively)")
+    verify.add_argument("--draws", type=int, default=10_000,
+                        help="random class relabellings of the permutation test")
+    verify.add_argument("--token-file", type=Path,
+                        help="TorchServe's key_file.json, for a URL suspect")
+    verify.add_argument("--out", type=Path, help="write the verdict as JSON here")
+    verify.set_defaults(func=_verify_command)

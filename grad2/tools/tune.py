@@ -21,10 +21,10 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from grad2.config import EPSILON_GRID, ConfigError, defense_classes
-from grad2.defenses import Defense
+from grad2.config import EPSILON_GRID, ConfigError
+from grad2.defenses import Defense, takes
 from grad2.lab.train import predict_probs, set_threads, train_clone
-from grad2.serve.loader import ServedModel
+from grad2.serve import ServedModel
 
 
 @dataclass
@@ -165,17 +165,16 @@ def tune_archive(
     ``validation`` is a labelled folder (class sub-folders named as the archive's classes)
     or ``.npz``, streamed through the archive's own decoder, victim and defense; it must
     hold enough images for a ``± precision``-point answer at ``max_accuracy_drop``
-    (:func:`grad2.lab.images.images_needed`). ``thief_pool`` (any folder of images) adds a
+    (:func:`grad2.tools.images.images_needed`). ``thief_pool`` (any folder of images) adds a
     simulated thief's clone accuracy per epsilon. Without them, the lab's Fashion-MNIST
     held-out split and Animal-MNIST pool are used (the demo's model only).
     """
-    from grad2.serve.archive import open_archive
+    from grad2.serve import open_archive
 
     with open_archive(archive) as opened:
         method = opened.config.get("defense", {}).get("method", "grad2")
-        classes = defense_classes()
-        if method not in classes or not classes[method].budgeted:
-            tunable = ", ".join(name for name, cls in classes.items() if cls.budgeted)
+        if method not in takes("epsilon"):
+            tunable = ", ".join(takes("epsilon"))
             raise ConfigError(
                 "defense.method", f"{method} has no epsilon to tune; tunable: {tunable}"
             )
@@ -220,8 +219,8 @@ def _folder_batches(served: ServedModel, folder: Path, max_drop: float, precisio
                     progress: bool):
     """A re-iterable stream of ``(x, labels, clean)`` from a labelled folder, after checking
     it is large enough; and a function giving labelled test inputs for a thief's clone."""
-    from grad2.lab.images import images_needed, open_images
-    from grad2.serve.loader import clean_probabilities
+    from grad2.serve import clean_probabilities
+    from grad2.tools.images import images_needed, open_images
 
     images = open_images(Path(folder), served.input_config, served.class_names, labelled=True)
     needed = images_needed(max_drop, precision)
@@ -247,7 +246,7 @@ def _folder_batches(served: ServedModel, folder: Path, max_drop: float, precisio
 
 def _precision_for(count: int, max_drop: float) -> float:
     """The ± half-width (points) ``count`` images give at ``max_drop``, rounded up."""
-    from grad2.lab.images import images_needed
+    from grad2.tools.images import images_needed
 
     precision = 0.5
     while images_needed(max_drop, precision) > count:
@@ -282,10 +281,10 @@ def _simulated_thief(served: ServedModel, pool: Path | None, budget: int, epochs
     Animal-MNIST), scored on the validation images."""
     from grad2.lab.train import padding_fill
     from grad2.models import model_spec
-    from grad2.serve.codec import normalise
+    from grad2.serve import normalise
 
     if pool is not None:
-        from grad2.lab.images import open_images
+        from grad2.tools.images import open_images
 
         images = open_images(Path(pool), served.input_config)
         pixels, _ = images.load(progress=progress)

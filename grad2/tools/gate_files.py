@@ -26,9 +26,8 @@ SLOPE_SPREADS = 20.0
 def fit_gate_files(archive: Path, images: Path, validation: Path, out: Path,
                    flag_share: float = 0.01, progress: bool = True) -> dict:
     """Fit, calibrate and write the gate file; returns the ``defense:`` keys to set."""
-    from grad2.lab.images import open_images
-    from grad2.serve.archive import open_archive
-    from grad2.serve.loader import clean_probabilities
+    from grad2.serve import clean_probabilities, open_archive
+    from grad2.tools.images import open_images
 
     with open_archive(archive) as opened:
         served = opened.load()
