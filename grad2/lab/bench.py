@@ -60,6 +60,7 @@ from grad2.defenses import (
 )
 from grad2.models import build_model, set_memory_format
 from grad2.redirect import redirect
+from grad2.scores import METHODS as SCORE_METHODS
 from grad2.scores import jvp_kernel, path_scores, redirection_scores
 
 #: The victim's input: one-channel 28x28 images (Fashion-MNIST-like, normalised).
@@ -313,12 +314,18 @@ def build_models(setup: Setup, num_classes: int) -> dict[str, Any]:
     }
 
 
-def defense_factories(setup: Setup, surrogates: dict[str, nn.Module]
-                      ) -> list[tuple[str, str | None, Defense]]:
+def timed_defenses(setup: Setup, surrogates: dict[str, nn.Module]
+                   ) -> list[tuple[str, str | None, Defense]]:
+    """The per-batch section's defenses, ``(item name, surrogate size or None, defense)``.
+
+    Not the lab's defense families (:mod:`grad2.lab.families`): served defense classes at
+    ``setup.epsilon``, GRAD² once per score method (``grad2_<method>``), MAD also in closed
+    form, each with every surrogate of ``surrogates``; the item names are the JSON's.
+    """
     eps = setup.epsilon
     rows: list[tuple[str, str | None, Defense]] = []
     for size, surrogate in surrogates.items():
-        for method in ("jvp", "double_backward", "finite_difference"):
+        for method in SCORE_METHODS:
             rows.append((f"grad2_{method}", size, GRAD2(surrogate, eps, score_method=method)))
         rows.append(("grad2_jvp_top1", size, GRAD2(surrogate, eps, preserve_top1=True)))
         rows.append(("mad", size, MAD(surrogate, eps)))
@@ -342,7 +349,7 @@ def defense_factories(setup: Setup, surrogates: dict[str, nn.Module]
 def per_batch_section(setup: Setup, timer: Timer, batches: Sequence[int]) -> dict[str, Any]:
     models = build_models(setup, 10)
     victim, surrogates = models["victim"], models["surrogates"]
-    defenses = defense_factories(setup, surrogates)
+    defenses = timed_defenses(setup, surrogates)
     records, scores_records = [], []
     for batch in batches:
         x = setup.inputs(batch)

@@ -44,6 +44,7 @@ from grad2.balance import balance_target
 from grad2.config import EPSILON_GRID
 from grad2.lab import controls
 from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
+from grad2.lab.families import L1_FAMILIES, LAB_DEFENSES, SWEEP_FAMILIES
 from grad2.lab.train import (
     CLONE_EPOCHS,
     augment_batch,
@@ -58,14 +59,6 @@ from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_c
 
 THIEVES = ("soft", "labels", "arch", "smooth", "prior")
 TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")
-#: Families whose knob is an L1 budget: at 0 they all equal ``none``, which stands in.
-L1_FAMILIES = (
-    "random", "mad", "mad_argmax", "grad2", "grad2_top1", "grad2_min_ip",
-    "grad2_random_surrogate", "grad2_misdirect", "control_random_scores", "control_shuffled",
-    "control_fixed_class", "grad2_misdirect_ensemble", "grad2_misdirect_top1",
-    "control_fixed_class_top1", "control_random_scores_top1", "control_shuffled_misdirect_top1",
-    "grad2_misdirect_balanced", "grad2_misdirect_balanced_top1", "control_shuffled_balanced_top1",
-)
 POOLS = ("animal", "fashion_heldout")
 MISMATCH_ARCH = "wide_cnn"
 SMOOTH_COPIES = 4
@@ -338,9 +331,11 @@ class Lab:
     def defense(self, spec: DefenseSpec, pool: str) -> D.Defense:
         """The defense a spec names, with the surrogate trained on ``pool``'s distribution."""
         family, knob = spec.name, spec.knob
+        if family not in SWEEP_FAMILIES:
+            raise ValueError(f"unknown defense {family!r}; known: {', '.join(SWEEP_FAMILIES)}")
         surrogate = (
             self.surrogate(pool, random_init=family == "grad2_random_surrogate")
-            if family.startswith(("grad2", "mad", "control_shuffled"))
+            if LAB_DEFENSES[family].surrogate
             else None
         )
         builders: dict[str, Callable[[], D.Defense]] = {
@@ -380,8 +375,6 @@ class Lab:
                 surrogate, knob, self.balanced_target(pool, knob, preserve_top1=True),
                 preserve_top1=True), seed=0),
         }
-        if family not in builders:
-            raise ValueError(f"unknown defense {family!r}; known: {', '.join(builders)}")
         return builders[family]()
 
     def references(self, pool: str) -> Tensor:
@@ -1037,7 +1030,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "misdirection and the prior-correcting thief (3 seeds, plus the "
                         "other-architecture thief)")
     parser.add_argument("--pools", nargs="+", choices=POOLS)
-    parser.add_argument("--defenses", nargs="+", help="only these defense families")
+    parser.add_argument("--defenses", nargs="+", choices=SWEEP_FAMILIES, metavar="FAMILY",
+                        help="only these defense families (grad2.lab.families)")
     parser.add_argument("--no-adaptive", action="store_true", help="soft thief only")
     parser.add_argument("--clone-epochs", type=int)
     parser.add_argument("--pool-size", type=int)

@@ -48,6 +48,7 @@ from grad2.lab.evaluate import (
     collapsed,
     prior_corrected_logits,
 )
+from grad2.lab.families import STUDY_DEFENSES
 from grad2.lab.train import (
     predict_probs,
     set_seed,
@@ -80,8 +81,6 @@ LAB_KEY = hashlib.sha256(b"grad2 ood-study mapping key").digest()
 #: Draws of random mappings in the ownership test (p-values down to 1e-4).
 OWNERSHIP_DRAWS = 10_000
 
-DEFENSES = ("none", "adaptive_misinformation", "grad2", "grad2_gated_permute",
-            "grad2_gated_redirect")
 #: Thieves trained on every pool, and those trained on the main pool only.
 POOL_THIEVES = ("soft", "labels")
 MAIN_THIEVES = ("soft", "labels", "arch", "recovery", "confidence")
@@ -181,7 +180,7 @@ class Defender:
     """The defender's fitted parts and calibrated defenses (cached in ``lab.folder``)."""
 
     def __init__(self, lab: Lab, progress: bool = True, key: bytes = LAB_KEY,
-                 names: tuple[str, ...] = DEFENSES) -> None:
+                 names: tuple[str, ...] = STUDY_DEFENSES) -> None:
         self.lab, self.progress = lab, progress
         self.validation = slice(0, VALIDATION_SIZE)
         self.report = slice(VALIDATION_SIZE, None)
@@ -233,7 +232,7 @@ class Defender:
             return D.GatedGRAD2(self.surrogate, GATED_EPSILON, GATED_EPSILON_OOD, knob,
                                 self.feature_slope, answer, self.mapping,
                                 gate_tensors=self.feature_gate)
-        raise ValueError(f"unknown defense {name!r}; known: {', '.join(DEFENSES)}")
+        raise ValueError(f"unknown defense {name!r}; known: {', '.join(STUDY_DEFENSES)}")
 
     def _drop(self, defense: D.Defense) -> float:
         inputs = self.lab.test_inputs[self.validation]
@@ -526,7 +525,7 @@ def plan(quick: bool) -> list[tuple[str, str, str, int]]:
     seeds = SEEDS[:1] if quick else SEEDS
     jobs = []
     for seed in seeds:
-        for name in DEFENSES:
+        for name in STUDY_DEFENSES:
             for thief in MAIN_THIEVES:
                 if thief in POOL_THIEVES or name != "grad2_gated_redirect":
                     jobs.append((name, MAIN_POOL, thief, seed))
@@ -571,7 +570,7 @@ def summarise(defender: Defender, runs: list[Run]) -> dict:
     labels = lab.test_labels[defender.report]
     clean_report = lab.test_probs[defender.report]
     base = (clean_report.argmax(1) == labels).float().mean().item()
-    for name in DEFENSES:
+    for name in STUDY_DEFENSES:
         answers = defender.test_answers(name)[defender.report]
         _, pool_clean, pool_answers = defender.answers(name, MAIN_POOL)
         report["defenses"][name] = {
@@ -660,7 +659,7 @@ def markdown(report: dict) -> str:
         thieves = (*(MAIN_THIEVES if pool == MAIN_POOL else POOL_THIEVES), "prior")
         lines += [f"**{pool}**", "", "| defense | " + " | ".join(thieves) + " |",
                   "| --- " * (len(thieves) + 1) + "|"]
-        for name in DEFENSES:
+        for name in STUDY_DEFENSES:
             lines.append(f"| {name} | " + " | ".join(_cell(report, name, pool, t)
                                                     for t in thieves) + " |")
         lines.append("")
@@ -757,13 +756,14 @@ def plot_study(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    width = 0.8 / len(DEFENSES)
+    width = 0.8 / len(STUDY_DEFENSES)
     for axis, thief in zip(axes, POOL_THIEVES, strict=True):
-        for index, name in enumerate(DEFENSES):
+        for index, name in enumerate(STUDY_DEFENSES):
             cells = [report["clones"].get(f"{name}|{pool}|{thief}") for pool in POOLS]
             means = [100 * c["mean"] if c else 0 for c in cells]
             errors = [100 * c["std"] if c else 0 for c in cells]
-            positions = [p + (index - len(DEFENSES) / 2 + 0.5) * width for p in range(len(POOLS))]
+            offset = (index - len(STUDY_DEFENSES) / 2 + 0.5) * width
+            positions = [p + offset for p in range(len(POOLS))]
             axis.bar(positions, means, width, yerr=errors, label=name, capsize=2)
         axis.set_xticks(range(len(POOLS)), list(POOLS), rotation=15, fontsize=8)
         axis.set_title(f"{thief} thief, 4,000 queries")
