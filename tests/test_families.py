@@ -68,3 +68,15 @@ def test_unknown_families_are_refused():
         "grad2", "mad"]
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--defenses", "grad3"])
+
+
+def test_the_lab_writes_its_budget_grids_once():
+    import inspect
+
+    from grad2.lab import archive_eval, watermark
+    from grad2.lab.families import QUICK_EPSILONS, SHORT_EPSILONS
+
+    default = inspect.signature(watermark.evaluate_watermark).parameters["epsilons"].default
+    assert default == SHORT_EPSILONS
+    assert archive_eval.QUICK_EPSILONS is QUICK_EPSILONS
+    assert evaluate.quick_sweep().grid["grad2"] == QUICK_EPSILONS

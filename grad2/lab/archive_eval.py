@@ -21,14 +21,12 @@ from pathlib import Path
 import torch
 
 from grad2.config import ConfigError, defense_classes
+from grad2.lab.families import QUICK_EPSILONS, SHORT_EPSILONS
 from grad2.lab.train import CLONE_EPOCHS, padding_fill, predict_probs, train_clone
 from grad2.models import model_spec
 from grad2.serve import clean_probabilities, normalise, open_archive
 from grad2.tools.images import open_images
 
-#: Budgets swept by default, and by ``--quick`` (minutes on 2 cores for small models).
-DEFAULT_EPSILONS = (0.0, 0.25, 0.5, 1.0)
-QUICK_EPSILONS = (0.0, 0.5, 1.0)
 #: Thieves trained at every budget: name -> train on the top-1 label only?
 THIEVES = {"soft": False, "labels_only": True}
 
@@ -50,11 +48,11 @@ def evaluate_archive(
     budget: int | None = None, epochs: int | None = None, clone_arch: str | None = None,
     progress: bool = True,
 ) -> list[EvaluationRow]:
-    """Sweep ``epsilons`` (default :data:`DEFAULT_EPSILONS`, or :data:`QUICK_EPSILONS`
-    with ``quick``) of ``archive``'s defense; returns one row per budget, thief and seed
-    and writes the reports into ``out``."""
+    """Sweep ``epsilons`` (default :data:`~grad2.lab.families.SHORT_EPSILONS`, or
+    :data:`~grad2.lab.families.QUICK_EPSILONS` with ``quick``) of ``archive``'s defense;
+    returns one row per budget, thief and seed and writes the reports into ``out``."""
     started = time.perf_counter()
-    epsilons = list(epsilons or (QUICK_EPSILONS if quick else DEFAULT_EPSILONS))
+    epsilons = list(epsilons or (QUICK_EPSILONS if quick else SHORT_EPSILONS))
     budget = budget or (1000 if quick else 4000)
     epochs = epochs or (3 if quick else CLONE_EPOCHS)
     with open_archive(Path(archive)) as opened:

@@ -44,7 +44,7 @@ from grad2.balance import balance_target
 from grad2.config import EPSILON_GRID
 from grad2.lab import controls
 from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
-from grad2.lab.families import L1_FAMILIES, LAB_DEFENSES, SWEEP_FAMILIES
+from grad2.lab.families import L1_FAMILIES, LAB_DEFENSES, QUICK_EPSILONS, SWEEP_FAMILIES
 from grad2.lab.train import (
     CLONE_EPOCHS,
     augment_batch,
@@ -162,7 +162,7 @@ def full_grid(epsilons: Iterable[float]) -> dict[str, tuple[float, ...]]:
 
 def quick_sweep() -> Sweep:
     """Minutes on 2 cores: small pool, short clones, a few budgets, one seed."""
-    grid = full_grid((0.0, 0.5, 1.0))
+    grid = full_grid(QUICK_EPSILONS)
     grid["rounding"] = (1.0,)
     grid["reverse_sigmoid"] = (0.7,)
     return Sweep(grid=grid, pools=("animal",), pool_size=2000, clone_epochs=4)

@@ -1,4 +1,5 @@
-"""The lab's defense families: one table of every name the sweep and the OOD study build.
+"""The lab's defense families (one table of every name the sweep and the OOD study build)
+and its budget grids.
 
 A family is a served method (:data:`grad2.defenses.DEFENSES`) with a fixed setting
 (``grad2_top1``), another target (``grad2_misdirect``) or network (``grad2_random_surrogate``),
@@ -90,4 +91,10 @@ L1_FAMILIES: tuple[str, ...] = tuple(
 STUDY_DEFENSES: tuple[str, ...] = (
     "none", "adaptive_misinformation", "grad2", "grad2_gated_permute", "grad2_gated_redirect",
 )
+
+#: The lab's short budget grid (archive and watermark evaluations); the tuning grid is
+#: :data:`grad2.config.EPSILON_GRID`.
+SHORT_EPSILONS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+#: The budgets of ``--quick`` runs (the archive evaluation, the quick sweep).
+QUICK_EPSILONS: tuple[float, ...] = (0.0, 0.5, 1.0)
 

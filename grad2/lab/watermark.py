@@ -39,6 +39,7 @@ from grad2 import targets
 from grad2.balance import balance_target
 from grad2.defenses import GRAD2, Defense, solve_answers
 from grad2.lab.data import to_tensor
+from grad2.lab.families import SHORT_EPSILONS
 from grad2.models import load_checkpoint
 from grad2.redirect import redirect
 from grad2.scores import eval_mode
@@ -454,7 +455,7 @@ class NeighbourPush(Defense):
 
 
 def evaluate_watermark(
-    epsilons: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0), seeds: tuple[int, ...] = (0,),
+    epsilons: tuple[float, ...] = SHORT_EPSILONS, seeds: tuple[int, ...] = (0,),
     pool: str = "animal", secret_seed: int = 2024, count: int = DEFAULT_TRIGGERS,
     clone_epochs: int | None = None, out: Path = Path("runs/watermark"),
     pool_size: int | None = None, style: str = DEFAULT_STYLE,
@@ -664,7 +665,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create_parser.add_argument("--secret-out", type=Path, default=Path("watermark_secret.npz"))
     create_parser.set_defaults(func=_create_command)
     evaluate = actions.add_parser("evaluate", help="clones of a watermarked API vs epsilon")
-    evaluate.add_argument("--epsilons", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    evaluate.add_argument("--epsilons", type=float, nargs="+", default=list(SHORT_EPSILONS))
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0])
     evaluate.add_argument("--pool", default="animal", choices=("animal", "fashion_heldout"))
     evaluate.add_argument("--clone-epochs", type=int)
