@@ -4,9 +4,9 @@
   for queries the victim is unsure about (likely out of distribution), near 0 otherwise;
   :func:`gate_weight` the same for any in-distribution score ``s(x)``.
 - :func:`fit_feature_gate`, :func:`feature_score`: a Mahalanobis detector on a network's
-  penultimate features (class means and a shared precision fitted on in-distribution
-  images), a score ``s(x)`` that separates far-OOD queries much better than the maximum
-  softmax probability (docs/results.md).
+  penultimate features (:func:`grad2.models.penultimate`; class means and a shared
+  precision fitted on in-distribution images), a score ``s(x)`` that separates far-OOD
+  queries much better than the maximum softmax probability (docs/results.md).
 - :func:`keyed_mapping`: a class permutation without fixed points drawn from a secret key
   (SHA-256 in counter mode), the same on every machine.
 - :func:`permuted_mix`: move a row toward its relabelling by that permutation, within an
@@ -23,7 +23,7 @@ from os import PathLike
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 #: Bytes of a new mapping key (hex-encoded in its file).
 KEY_BYTES = 32
@@ -124,23 +124,6 @@ def permuted_mix(probs: Tensor, mapping: Tensor, budget: Tensor) -> Tensor:
                        torch.zeros_like(distance)).clamp(0, 1)
     # lerp returns ``moved`` exactly at step 1 (no rounding residue of y + (y' − y)).
     return torch.lerp(probs, moved, step.unsqueeze(1))
-
-
-def penultimate(model: nn.Module, x: Tensor) -> Tensor:
-    """``[B, D]``: the input of ``model``'s last ``nn.Linear`` (its feature vector), in
-    eval mode, without gradients."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ValueError("a feature gate needs a network whose last layer is nn.Linear")
-    captured: list[Tensor] = []
-    handle = linear[-1].register_forward_hook(
-        lambda module, args, out: captured.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        handle.remove()
-    return captured[-1].flatten(1)
 
 
 def fit_feature_gate(features: Tensor, labels: Tensor, num_classes: int,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from grad2.models import last_linear
 from grad2.scores import Target, eval_mode, redirection_scores
 
 __all__ = [
@@ -117,10 +118,9 @@ def shift_scores(model: nn.Module, target: Target, offsets: Tensor) -> dict[str,
     ``Σ ỹ = 1``). A per-class offset is thus a property of the target file: it needs no
     change to the handler.
     """
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear or linear[-1].bias is None:
+    bias = last_linear(model)[1].bias  # ValueError without an nn.Linear
+    if bias is None:
         raise ValueError("shifting scores needs a last nn.Linear layer with a bias")
-    bias = linear[-1].bias
     if offsets.shape != bias.shape:
         raise ValueError(f"offsets must have shape {tuple(bias.shape)}, got {tuple(offsets.shape)}")
     bias_name = next(n for n, p in model.named_parameters() if p is bias)

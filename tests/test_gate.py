@@ -13,7 +13,7 @@ from grad2 import gate
 from grad2.config import ConfigError
 from grad2.defenses import AdaptiveMisinformation, GatedGRAD2, build_defense
 from grad2.lab.train import misinformation_loss
-from grad2.models import last_linear
+from grad2.models import last_linear, penultimate
 from tests.nets import tiny_net
 
 torch.set_num_threads(1)
@@ -129,7 +129,7 @@ def gated(answer: str = "permute", features: bool = False) -> tuple[GatedGRAD2, 
     probs = probabilities(40, 5, 6, scale=2.0)
     tensors = None
     if features:
-        feats = gate.penultimate(surrogate, x)
+        feats = penultimate(surrogate, x)
         tensors = gate.fit_feature_gate(feats, probs.argmax(1), 5)
         threshold = float(gate.feature_score(feats, tensors).median())
         slope = 5.0 / float(gate.feature_score(feats, tensors).std())

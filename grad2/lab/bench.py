@@ -58,7 +58,7 @@ from grad2.defenses import (
     RandomNoise,
     ReverseSigmoid,
 )
-from grad2.models import build_model, set_memory_format
+from grad2.models import build_model, last_linear, penultimate, set_memory_format
 from grad2.redirect import redirect
 from grad2.scores import METHODS as SCORE_METHODS
 from grad2.scores import jvp_kernel, path_scores, redirection_scores
@@ -246,8 +246,7 @@ def reference_style_grad2(surrogate: nn.Module, target: dict[str, Tensor], x: Te
 def mad_loop_query(surrogate: nn.Module, x: Tensor, probs: Tensor, epsilon: float) -> Tensor:
     """MAD the way its reference code runs: one query at a time, ``K + 1`` backward passes
     over the last layer (the clean gradient, then one per class vertex), in Python."""
-    last = [m for m in surrogate.modules() if isinstance(m, nn.Linear)][-1]
-    weights = list(last.parameters())
+    weights = list(last_linear(surrogate)[1].parameters())
     defended = probs.clone()
     with torch.enable_grad():
         for row in range(x.shape[0]):
@@ -272,8 +271,7 @@ def mad_loop_query(surrogate: nn.Module, x: Tensor, probs: Tensor, epsilon: floa
 def mad_bytes_per_query(surrogate: nn.Module, num_classes: int, element_size: int) -> int:
     """MAD materialises ``[K, P_last]`` per query about three times (Jacobian, normalised
     copy, deviations); ``P_last`` is the last layer's parameter count."""
-    last = [m for m in surrogate.modules() if isinstance(m, nn.Linear)][-1]
-    last_params = sum(p.numel() for p in last.parameters())
+    last_params = sum(p.numel() for p in last_linear(surrogate)[1].parameters())
     return 3 * num_classes * last_params * element_size
 
 
@@ -333,7 +331,7 @@ def timed_defenses(setup: Setup, surrogates: dict[str, nn.Module]
         rows.append(("mad_closed_form", size, MAD(surrogate, eps, closed_form=True)))
         # The gate fitted on seeded random inputs: its cost, not its accuracy, is timed.
         reference = setup.inputs(64)
-        features = gate.penultimate(surrogate, reference)
+        features = penultimate(surrogate, reference)
         gate_tensors = gate.fit_feature_gate(features, torch.arange(64) % 10, 10)
         threshold = float(gate.feature_score(features, gate_tensors).median())
         rows.append(("grad2_gated", size, GatedGRAD2(

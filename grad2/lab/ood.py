@@ -57,7 +57,7 @@ from grad2.lab.train import (
     train_misinformation,
     train_surrogate,
 )
-from grad2.models import load_checkpoint, save_checkpoint
+from grad2.models import load_checkpoint, penultimate, save_checkpoint
 from grad2.tools.ownership import permutation_test
 
 QUERIES = 4000
@@ -194,7 +194,7 @@ class Defender:
         self._misinformation: nn.Module | None = None
         self.mapping = gate.keyed_mapping(key, 10)
         self.feature_gate = gate.fit_feature_gate(
-            gate.penultimate(self.surrogate, to_tensor(self.fit_images.images)),
+            penultimate(self.surrogate, to_tensor(self.fit_images.images)),
             torch.from_numpy(self.fit_images.labels), 10)
         validation_scores = self.gate_scores(lab.test_inputs[self.validation])
         self.feature_slope = FEATURE_SLOPE_SPREADS / validation_scores.std().item()
@@ -213,8 +213,7 @@ class Defender:
 
     def gate_scores(self, inputs: Tensor) -> Tensor:
         """``[N]`` feature-gate scores of ``inputs`` (low = likely OOD)."""
-        return torch.cat([gate.feature_score(gate.penultimate(self.surrogate, part),
-                                             self.feature_gate)
+        return torch.cat([gate.feature_score(penultimate(self.surrogate, part), self.feature_gate)
                           for part in inputs.split(1000)])
 
     # ----------------------------------------------------------- building and calibrating
@@ -352,7 +351,7 @@ def simulated_defense(name: str, defender: Defender, own_model: nn.Module,
     # (the thief sees which answers were altered only through its detector; this is the
     # most generous reading: it knows how many).
     own_key = hashlib.sha256(f"thief {seed}".encode()).digest()
-    features = gate.penultimate(own_model, inputs)
+    features = penultimate(own_model, inputs)
     own_gate = gate.fit_feature_gate(features, own_clean.argmax(1), 10)
     scores = gate.feature_score(features, own_gate)
     share = defender.gated_share(inputs)

@@ -40,7 +40,7 @@ from grad2.balance import balance_target
 from grad2.defenses import GRAD2, Defense, solve_answers
 from grad2.lab.data import to_tensor
 from grad2.lab.families import SHORT_EPSILONS
-from grad2.models import load_checkpoint
+from grad2.models import load_checkpoint, penultimate
 from grad2.redirect import redirect
 from grad2.scores import eval_mode
 
@@ -383,19 +383,6 @@ def calibrate_threshold(gains: Tensor, probs: Tensor, scores: Tensor, budget: fl
     return float("inf") if affordable == 0 else float(gains[order][affordable - 1])
 
 
-def penultimate_features(model: nn.Module, x: Tensor) -> Tensor:
-    """``[B, D]``: the input of ``model``'s last ``nn.Linear`` for inputs ``x``, eval mode."""
-    last = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
-    captured: list[Tensor] = []
-    handle = last.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    finally:
-        handle.remove()
-    return captured[0].flatten(1)
-
-
 class NeighbourPush(Defense):
     """Not gradient redirection: a query close to a trigger (cosine similarity of the
     surrogate's centred penultimate features at least ``threshold``) gets ``high_epsilon``
@@ -412,7 +399,7 @@ class NeighbourPush(Defense):
                  threshold: float, high_epsilon: float = 2.0, preserve_top1: bool = False,
                  ) -> None:
         self.surrogate, self.labels, self.centre = surrogate.eval(), labels.long(), centre
-        self.trigger_features = self._unit(penultimate_features(surrogate, triggers))
+        self.trigger_features = self._unit(penultimate(surrogate, triggers))
         self.threshold, self.high_epsilon = float(threshold), float(high_epsilon)
         self.preserve_top1 = bool(preserve_top1)
 
@@ -421,7 +408,7 @@ class NeighbourPush(Defense):
 
     def nearest(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(similarity [B], trigger index [B])`` of each query's nearest trigger."""
-        similarity = self._unit(penultimate_features(self.surrogate, x)) @ self.trigger_features.T
+        similarity = self._unit(penultimate(self.surrogate, x)) @ self.trigger_features.T
         return similarity.max(dim=1)
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
@@ -437,7 +424,7 @@ class NeighbourPush(Defense):
             preserve_top1: bool = False) -> NeighbourPush:
         """Centre on ``references`` ``[R, ...]`` and pick the lowest threshold whose mean
         L1 on them (clean answers ``reference_probs [R, K]``) stays within ``budget``."""
-        centre = penultimate_features(surrogate, references).mean(dim=0)
+        centre = penultimate(surrogate, references).mean(dim=0)
         defense = cls(surrogate, to_tensor(secret.triggers), torch.from_numpy(secret.labels),
                       centre, -float("inf"), high_epsilon, preserve_top1)
         similarity, _ = defense.nearest(references)
