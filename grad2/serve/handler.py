@@ -5,7 +5,9 @@ subclasses :class:`Grad2Handler` from the installed ``grad2-serve``.
 
 Per batch: decode each request (a bad one gets its own 4xx, the rest go on), run the
 victim once, run the configured defense once on the whole batch, answer each request with
-its defended probabilities. The clean probabilities never leave this file: not in an
+its defended probabilities. That path is :class:`grad2.serve.pipeline.Pipeline`, shared with
+the KServe predictor; this module is only its TorchServe glue (``Context``, headers,
+statuses, metrics, gRPC stream ends). The clean probabilities never leave this file: not in an
 answer, an error, a log line or a metric. If the defense cannot run, the batch fails
 closed (``on_failure: reject`` → 503 without probabilities; ``top1`` → the label only).
 ``/explanations``, ``:explain`` and ``describe`` never run the model.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,20 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from grad2.batching import describe_sizes
 from grad2.config import InputConfig
 from grad2.serve import codec, loader
+from grad2.serve.pipeline import (
+    DEFENSE_FAILED,
+    EXPLAIN_REFUSED,
+    MODEL_FAILED,
+    Pipeline,
+    Reply,
+    log_failure,
+)
+
+__all__ = ["DEFENSE_FAILED", "EXPLAIN_REFUSED", "MODEL_FAILED", "Grad2Handler"]
 
 logger = logging.getLogger(__name__)
-
-EXPLAIN_REFUSED = "explanations are disabled: this model only gives defended answers"
-DEFENSE_FAILED = "the defense could not run on this batch; no answer is given (fail closed)"
-MODEL_FAILED = "the model could not run on this batch; no answer is given"
 
 
 def _header(headers: dict[str, Any], name: str) -> Any:
@@ -69,7 +75,10 @@ class Grad2Handler(BaseHandler):
                 self.model_yaml_config,
                 victim_file=model.get("serializedFile", loader.VICTIM_FILE),
             )
-            self._plan_batches(int(context.system_properties.get("batch_size") or 1))
+            self.pipeline = Pipeline(
+                self.served, self.model_name, self.model_version, self._emit
+            )
+            self.pipeline.plan(int(context.system_properties.get("batch_size") or 1))
         except Exception as error:
             logger.error(
                 "model %s version %s refused to load: %s",
@@ -103,19 +112,14 @@ class Grad2Handler(BaseHandler):
         self.context = context
         self._responses: list[Any] = [None] * len(data)
         try:
-            pixels, pending = self.preprocess(data)
-            if pending:
-                x = codec.normalise(pixels, self.served.input_config)
-                try:
-                    probs = self.inference(x)
-                except Exception as error:
-                    self._log_failure("victim", error, len(x))
-                    for index, _ in pending:
-                        self._refuse(index, 503, MODEL_FAILED)
-                else:
-                    self._deliver(pending, self.postprocess(x, probs))
+            pending = self.preprocess(data)
+            replies = self.pipeline.answer(
+                [request for _, request in pending], self.inference, self.postprocess
+            )
+            for (index, _), reply in zip(pending, replies):
+                self._reply(index, reply)
         except Exception as error:  # never let TorchServe log a message that may quote y
-            self._log_failure("handler", error, len(data))
+            log_failure("handler", error, len(data))
             for index, response in enumerate(self._responses):
                 if response is None:
                     self._refuse(index, 503, MODEL_FAILED)
@@ -124,14 +128,11 @@ class Grad2Handler(BaseHandler):
         self._metric("HandlerTime", (time.perf_counter() - started) * 1000, "ms", versioned=False)
         return self._responses
 
-    def preprocess(
-        self, data: list[dict[str, Any]]
-    ) -> tuple[torch.Tensor | None, list[tuple[int, codec.DecodedRequest]]]:
+    def preprocess(self, data: list[dict[str, Any]]) -> list[tuple[int, codec.DecodedRequest]]:
         """Decode every request. Describe/explain requests and bad requests are answered
-        here; returns pixels ``[N, C, H, W]`` in ``[0, 1]`` of the rest and, per request
-        still pending, its index in the batch and decoded form."""
+        here; returns, per request still pending, its index in the batch and its decoded
+        pixels ``[N, C, H, W]`` in ``[0, 1]``."""
         pending: list[tuple[int, codec.DecodedRequest]] = []
-        spec = self.served.input_config
         for index, row in enumerate(data):
             headers = self._headers(index)
             if str(_header(headers, "describe")).lower() == "true":
@@ -140,74 +141,32 @@ class Grad2Handler(BaseHandler):
             if str(_header(headers, "explain")).lower() == "true":
                 self._refuse(index, 403, EXPLAIN_REFUSED)
                 continue
-            try:
-                field, value = codec.select_payload(row)
-                request = codec.decode_request(value, self._content_type(headers, field), spec)
-            except codec.RequestError as error:
-                self._refuse(index, error.status, error.message)
-                self._metric("RejectedRequests", 1, "count", MetricTypes.COUNTER)
-                continue
-            except Exception as error:  # a decoder bug must not take the batch down
-                logger.warning("request %d could not be decoded: %s", index, type(error).__name__)
-                self._refuse(index, 400, "request could not be decoded")
-                self._metric("RejectedRequests", 1, "count", MetricTypes.COUNTER)
-                continue
-            pending.append((index, request))
-        if not pending:
-            return None, pending
-        return torch.cat([request.pixels for _, request in pending]), pending
+            decoded = self.pipeline.decode(
+                row, lambda field, headers=headers: self._content_type(headers, field)
+            )
+            if isinstance(decoded, Reply):
+                self._reply(index, decoded)
+            else:
+                pending.append((index, decoded))
+        return pending
 
     def inference(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Clean probabilities ``[N, K]`` = ``softmax(victim(x))`` (never answered as is).
         Runs under ``no_grad``, not ``inference_mode``, so the defense may differentiate
         through ``x``; in the planned batch sizes unless ``handler.batch_invariant`` is
         false, and a lone query with only the layers that differ at batch 1 paired."""
-        lone = self.served.victim_lone_plan if self.model is self.served.victim else None
-        return loader.clean_probabilities(self.model, x, self.served.victim_sizes, lone)
+        return self.pipeline.probabilities(x, self.model)
 
     def postprocess(self, x: torch.Tensor, probs: torch.Tensor) -> list[dict[str, Any]] | None:
         """Defend the whole batch once and encode one answer per image; ``None`` when the
         defense failed and ``on_failure`` is ``reject``."""
-        config = self.served.defense_config
-        started = time.perf_counter()
-        try:
-            with torch.enable_grad():
-                defended = self.served.defense(x, probs)
-            codec.check_defended(defended, probs)
-        except Exception as error:
-            self._log_failure(f"defense {config.method}", error, len(x))
-            self._metric("DefenseFailures", len(x), "count", MetricTypes.COUNTER)
-            if config.on_failure == "top1":
-                return codec.answer_labels(probs.argmax(dim=1), self.served.class_names)
-            return None
-        defended = defended.detach()
-        self._metric("DefenseTime", (time.perf_counter() - started) * 1000, "ms")
-        self._metric("DefenseL1", float((defended - probs).abs().sum(dim=1).mean()), "L1")
-        flips = int((defended.argmax(dim=1) != probs.argmax(dim=1)).sum())
-        self._metric("DefenseLabelFlips", flips, "count", MetricTypes.COUNTER)
-        self._metric("DefendedAnswers", len(x), "count", MetricTypes.COUNTER)
-        return codec.answer_probabilities(
-            defended, self.served.class_names, config.output, config.topk
-        )
+        return self.pipeline.defend(x, probs)
 
     # ------------------------------------------------------------------ routes without answers
 
     def describe_handle(self) -> dict[str, Any]:
         """A static description: what to send and what comes back, never an output."""
-        spec = self.served.input_config
-        return {
-            "model": self.model_name,
-            "version": self.model_version,
-            "description": "image classifier behind a model-stealing defense; answers are "
-            "defended probabilities",
-            "input": {
-                "channels": spec.channels,
-                "height": spec.height,
-                "width": spec.width,
-                "formats": list(codec.IMAGE_FORMATS),
-            },
-            "classes": list(self.served.class_names),
-        }
+        return self.pipeline.describe()
 
     def explain_handle(self, data_preprocess: Any, raw_data: Any) -> dict[str, Any]:
         """Explanations would expose the undefended model: refused."""
@@ -219,39 +178,13 @@ class Grad2Handler(BaseHandler):
 
     # ------------------------------------------------------------------ helpers
 
-    def _plan_batches(self, max_batch: int) -> None:
-        """Probe which batch sizes keep every answer independent of its batch-mates."""
-        started = time.perf_counter()
-        planned = self.served.plan_batches(max_batch)
-        if planned:
-            victim_lone = planned["victim_lone"]
-            logger.info(
-                "batch sizes up to %d with batch-independent rows (probed in %.1f s): "
-                "victim %s; defense %s; a lone query: victim %s, defense %s",
-                max_batch,
-                time.perf_counter() - started,
-                describe_sizes(planned["victim"]),
-                "needs none" if planned["defense"] is None else describe_sizes(planned["defense"]),
-                "as a pair" if victim_lone is None else f"{len(victim_lone)} layer(s) paired",
-                "alone" if planned["defense_lone"] else "as a pair",
-            )
-
-    def _deliver(
-        self,
-        pending: list[tuple[int, codec.DecodedRequest]],
-        answers: list[dict[str, Any]] | None,
-    ) -> None:
-        offset = 0
-        for index, request in pending:
-            if answers is None:
-                self._refuse(index, 503, DEFENSE_FAILED)
-                continue
-            own = answers[offset : offset + request.count]
-            offset += request.count
-            self._responses[index] = codec.wrap_answers(
-                own, request, self.model_name, self.model_version
-            )
-            self._set_content_type(index)
+    def _reply(self, index: int, reply: Reply) -> None:
+        """Set request ``index``'s answer (and its status, unless 200)."""
+        if reply.status != 200:
+            self._refuse(index, reply.status, reply.body["message"])
+            return
+        self._responses[index] = reply.body
+        self._set_content_type(index)
 
     def _end_grpc_stream(self, index: int) -> None:
         """Mark a gRPC request's answer as the last of its stream. TorchServe 0.12's
@@ -293,16 +226,11 @@ class Grad2Handler(BaseHandler):
         value = _header(headers, "content-type")
         return str(value) if value else None
 
-    def _log_failure(self, stage: str, error: BaseException, batch_size: int) -> None:
-        """Log where it failed, without the message (it could quote tensor values)."""
-        frames = "".join(traceback.format_tb(error.__traceback__))
-        logger.error(
-            "%s failed on a batch of %d (%s); answers withheld\n%s",
-            stage,
-            batch_size,
-            type(error).__name__,
-            frames,
-        )
+    def _emit(self, name: str, value: float, unit: str, counter: bool = False,
+              versioned: bool = True) -> None:
+        """The pipeline's metrics, as TorchServe custom metrics."""
+        kind = MetricTypes.COUNTER if counter else MetricTypes.GAUGE
+        self._metric(name, value, unit, kind, versioned)
 
     def _metric(
         self,
