@@ -181,7 +181,8 @@ def test_initialize_loads_victim_defense_and_threads(
         ({"method": "grad3"}, "defense.method"),
         ({"surprise": 1}, "defense.surprise"),
         ({"surrogate": "missing.pt"}, "defense.surrogate"),
-        ({"target": "watermark", "target_file": "wm.pt"}, "defense.target_file"),
+        ({"target": "file", "target_file": "wm.pt"}, "defense.target_file"),
+        ({"target": "watermark", "target_file": "wm.pt"}, "defense.target"),
     ],
 )
 def test_initialize_refuses_bad_defense_naming_the_key(
