@@ -8,11 +8,16 @@ from pathlib import Path
 
 from grad2.serve.archive import DEFAULT_HANDLER, DEFAULT_MODEL_STORE, FILE_OPTIONS, build_archive
 from grad2.serve.server import (
+    DEFAULT_KSERVE_WORKDIR,
     DEFAULT_TS_CONFIG,
     DEFAULT_WORKDIR,
+    KServeServer,
     Ports,
     TorchServeServer,
+    parse_model_specs,
+    start_kserve,
     start_server,
+    stop_kserve,
     stop_server,
 )
 from grad2.serve.templates import model_config_names, template_path
@@ -61,18 +66,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     serve = subparsers.add_parser(
         "serve",
-        help="start (or --stop) TorchServe with defended models, wait until READY",
+        help="start (or --stop) TorchServe or KServe with defended models, wait until READY",
         description="Start TorchServe on 127.0.0.1 with token authorization on and the "
-        "model API off, wait until every model is READY, print the endpoints.",
+        "model API off (or, with --runtime kserve, KServe's model server for one archive, "
+        "without authentication), wait until every model is READY, print the endpoints.",
     )
+    serve.add_argument("--runtime", choices=("torchserve", "kserve"), default="torchserve",
+                       help="model server: TorchServe (default) or KServe's Python model "
+                       "server (one archive; needs the kserve extra)")
     serve.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE)
     serve.add_argument("--models", nargs="+", metavar="NAME=FILE.mar",
                        help="archives to serve (default: every .mar in the store)")
     serve.add_argument("--ts-config", type=Path, default=DEFAULT_TS_CONFIG,
                        help="config.properties template (default: config/config.properties)")
-    serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+    serve.add_argument("--workdir", type=Path, default=None,
                        help="server state: logs, temp files, key_file.json (default: "
-                       f"{DEFAULT_WORKDIR})")
+                       f"{DEFAULT_WORKDIR}, or {DEFAULT_KSERVE_WORKDIR} for KServe)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     defaults = Ports()
     for field in fields(Ports):
@@ -133,11 +142,18 @@ def _archive_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    if args.workdir is None:
+        args.workdir = DEFAULT_KSERVE_WORKDIR if args.runtime == "kserve" else DEFAULT_WORKDIR
     if args.stop:
-        pids = stop_server(args.workdir)
-        print(f"stopped TorchServe ({len(pids)} processes)" if pids
-              else f"no TorchServe running from {args.workdir}")
+        pids, kserve_pids = stop_server(args.workdir), stop_kserve(args.workdir)
+        if kserve_pids:
+            print(f"stopped the KServe model server ({len(kserve_pids)} processes)")
+        if pids or not kserve_pids:
+            print(f"stopped TorchServe ({len(pids)} processes)" if pids
+                  else f"no server running from {args.workdir}")
         return 0
+    if args.runtime == "kserve":
+        return _serve_kserve(args)
     if args.free_ports:
         ports = Ports.free(args.host)
     else:
@@ -153,6 +169,33 @@ def _serve_command(args: argparse.Namespace) -> int:
     )
     print(describe_server(server))
     return 0
+
+
+def _serve_kserve(args: argparse.Namespace) -> int:
+    specs = parse_model_specs(args.model_store, args.models)
+    if len(specs) != 1:
+        raise SystemExit(f"--runtime kserve serves one archive per server; got {len(specs)} "
+                         "(name them with --models NAME=FILE.mar)")
+    name, _, file = specs[0].partition("=")
+    port = None if args.free_ports else args.inference_port
+    server = start_kserve(Path(args.model_store) / file, name, workdir=args.workdir,
+                          host=args.host, port=port, timeout=args.timeout)
+    print(describe_kserve(server))
+    return 0
+
+
+def describe_kserve(server: KServeServer) -> str:
+    """Endpoints and model of a running KServe model server, for people."""
+    return "\n".join([
+        f"KServe model server is READY (pid {server.pid}), work dir {server.workdir}",
+        f"  inference   {server.inference_url}   POST /v1/models/{server.model}:predict, "
+        f"/v2/models/{server.model}/infer",
+        f"  metrics     {server.metrics_url}",
+        f"  model       {server.model} ({server.archive})",
+        "  no authentication: keep it on loopback or behind an authenticating gateway",
+        f"  log         {server.log_file}",
+        f"Stop it with: grad2 serve --stop --workdir {server.workdir}",
+    ])
 
 
 def describe_server(server: TorchServeServer) -> str:

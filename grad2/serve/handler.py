@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +114,13 @@ class Grad2Handler(BaseHandler):
         self.context = context
         self._responses: list[Any] = [None] * len(data)
         try:
-            pending = self.preprocess(data)
-            replies = self.pipeline.answer(
-                [request for _, request in pending], self.inference, self.postprocess
+            rows = self.preprocess(data)
+            replies = self.pipeline.handle(
+                [(row, content_type) for _, row, content_type in rows],
+                self.inference,
+                self.postprocess,
             )
-            for (index, _), reply in zip(pending, replies):
+            for (index, _, _), reply in zip(rows, replies):
                 self._reply(index, reply)
         except Exception as error:  # never let TorchServe log a message that may quote y
             log_failure("handler", error, len(data))
@@ -128,27 +132,22 @@ class Grad2Handler(BaseHandler):
         self._metric("HandlerTime", (time.perf_counter() - started) * 1000, "ms", versioned=False)
         return self._responses
 
-    def preprocess(self, data: list[dict[str, Any]]) -> list[tuple[int, codec.DecodedRequest]]:
-        """Decode every request. Describe/explain requests and bad requests are answered
-        here; returns, per request still pending, its index in the batch and its decoded
-        pixels ``[N, C, H, W]`` in ``[0, 1]``."""
-        pending: list[tuple[int, codec.DecodedRequest]] = []
+    def preprocess(
+        self, data: list[dict[str, Any]]
+    ) -> list[tuple[int, dict[str, Any], Callable[[str], str | None]]]:
+        """Answer describe and explain requests; returns the rest for the pipeline to
+        decode: per request its index in the batch, its row and its payload's declared
+        content type as a function of the payload's field."""
+        rows = []
         for index, row in enumerate(data):
             headers = self._headers(index)
             if str(_header(headers, "describe")).lower() == "true":
                 self._responses[index] = self.describe_handle()
-                continue
-            if str(_header(headers, "explain")).lower() == "true":
+            elif str(_header(headers, "explain")).lower() == "true":
                 self._refuse(index, 403, EXPLAIN_REFUSED)
-                continue
-            decoded = self.pipeline.decode(
-                row, lambda field, headers=headers: self._content_type(headers, field)
-            )
-            if isinstance(decoded, Reply):
-                self._reply(index, decoded)
             else:
-                pending.append((index, decoded))
-        return pending
+                rows.append((index, row, partial(self._content_type, headers)))
+        return rows
 
     def inference(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Clean probabilities ``[N, K]`` = ``softmax(victim(x))`` (never answered as is).

@@ -122,6 +122,32 @@ class Pipeline:
             defended, self.served.class_names, config.output, config.topk
         )
 
+    def handle(
+        self,
+        rows: Sequence[tuple[Mapping[str, Any], str | Callable[[str], str | None] | None]],
+        infer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        defend: Callable[[torch.Tensor, torch.Tensor], list[dict[str, Any]] | None]
+        | None = None,
+    ) -> list[Reply]:
+        """One :class:`Reply` per ``(row, content_type)`` (see :meth:`decode`): each is
+        decoded (a bad one refused alone), the rest answered as one batch (:meth:`answer`).
+        An unexpected error withholds the batch's answers (503), never a refusal's 4xx."""
+        replies: list[Reply | None] = []
+        pending: list[tuple[int, codec.DecodedRequest]] = []
+        for index, (row, content_type) in enumerate(rows):
+            decoded = self.decode(row, content_type)
+            replies.append(decoded if isinstance(decoded, Reply) else None)
+            if not isinstance(decoded, Reply):
+                pending.append((index, decoded))
+        try:
+            answered = self.answer([request for _, request in pending], infer, defend)
+        except Exception as error:  # never let a runtime log a message that may quote y
+            log_failure("handler", error, len(rows))
+            answered = [Reply.refusal(503, MODEL_FAILED)] * len(pending)
+        for (index, _), reply in zip(pending, answered):
+            replies[index] = reply
+        return replies
+
     def answer(
         self,
         requests: Sequence[codec.DecodedRequest],
