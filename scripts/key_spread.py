@@ -11,13 +11,13 @@ import hashlib
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from grad2 import gate
 from grad2.defenses import GatedGRAD2
 from grad2.lab import ood
 from grad2.lab.data import FASHION_CLASSES, cache_dir
 from grad2.lab.evaluate import Lab, apply_defense
+from grad2.tools.progress import progress_bar
 
 KEYS = 8
 
@@ -27,7 +27,7 @@ def main() -> None:
     defender = ood.Defender(lab, progress=False, names=("grad2_gated_permute",))
     inputs, clean, _ = defender.answers("none", ood.MAIN_POOL)
     rows = []
-    for index in tqdm(range(KEYS), desc="keys"):
+    for index in progress_bar(range(KEYS), desc="keys"):
         key = hashlib.sha256(f"key spread {index}".encode()).digest()
         mapping = gate.keyed_mapping(key, 10)
         defense = GatedGRAD2(defender.surrogate, ood.GATED_EPSILON, ood.GATED_EPSILON_OOD,

@@ -30,10 +30,10 @@ import requests
 import torch
 from PIL import Image
 from requests.adapters import HTTPAdapter
-from tqdm import tqdm
 
 from grad2.lab.data import load_fashion_mnist, thief_pool, to_tensor
 from grad2.lab.train import CLONE_EPOCHS, set_threads, train_clone
+from grad2.tools.progress import progress_bar
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -204,7 +204,7 @@ class APIClient:
             raise QueryError(f"{self.url} answers with classes {class_names}, expected "
                              f"{list(expected_classes)}; sent no more", stats())
         with ThreadPoolExecutor(self.concurrency) as pool:
-            outcomes.extend(tqdm(
+            outcomes.extend(progress_bar(
                 pool.map(self._post, bodies[1:]), total=len(bodies), initial=1,
                 desc="queries", unit="req", disable=not progress,
             ))

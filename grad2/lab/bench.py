@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from grad2 import gate, targets
 from grad2.config import MEMORY_FORMATS
@@ -62,6 +61,7 @@ from grad2.models import build_model, last_linear, penultimate, set_memory_forma
 from grad2.redirect import redirect
 from grad2.scores import METHODS as SCORE_METHODS
 from grad2.scores import jvp_kernel, path_scores, redirection_scores
+from grad2.tools.progress import progress_bar
 
 #: The victim's input: one-channel 28x28 images (Fashion-MNIST-like, normalised).
 INPUT_SHAPE = (1, 28, 28)
@@ -172,8 +172,8 @@ class Timer:
 
     def run(self, items: Sequence[Item], label: str) -> list[dict[str, Any]]:
         planned = {}
-        bar = tqdm(total=len(items) * (self.warmup + self.repeats), desc=label, leave=False,
-                   disable=not self.progress, file=sys.stderr)
+        bar = progress_bar(total=len(items) * (self.warmup + self.repeats), desc=label,
+                           leave=False, disable=not self.progress, file=sys.stderr)
         for item in items:
             first = None
             for _ in range(self.warmup):

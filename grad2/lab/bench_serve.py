@@ -42,13 +42,13 @@ import numpy as np
 import requests
 import torch
 import yaml
-from tqdm import tqdm
 
 from grad2.config import MEMORY_FORMATS
 from grad2.lab.attack import encode_png
 from grad2.models import build_model, load_checkpoint, save_checkpoint
 from grad2.scores import METHODS
 from grad2.serve import Ports, TorchServeServer, build_archive, start_server, stop_server
+from grad2.tools.progress import progress_bar
 
 PLAIN = "plain"
 #: ``--case`` -> victim architecture, classes, input ``[C, H, W]``, normalisation, and the
@@ -194,8 +194,8 @@ def measure_level(folder: Path, store: Path, models: Sequence[str], concurrency:
         timed: list[Round] = []
         schedule = [(r, m) for r in range(rounds)
                     for m in (models if r % 2 == 0 else list(models)[::-1])]
-        for _, model in tqdm(schedule, desc=f"concurrency {concurrency}", unit="round",
-                             disable=not progress, leave=False):
+        for _, model in progress_bar(schedule, desc=f"concurrency {concurrency}",
+                                     unit="round", disable=not progress, leave=False):
             seconds, cpu, statuses, latencies = burst(
                 urls[model], token, images, requests_per_round, concurrency)
             timed.append(Round(model, concurrency, requests_per_round, seconds, cpu,

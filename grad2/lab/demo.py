@@ -34,6 +34,7 @@ from grad2.models import save_checkpoint
 from grad2.serve import Ports, build_archive, start_server, stop_server
 from grad2.serve.templates import template_path
 from grad2.tools.ownership import verify_suspect
+from grad2.tools.progress import progress_bar
 
 MODEL = "fashion"
 VERSIONS = {"1.0": "none", "2.0": "grad2_gated"}
@@ -160,6 +161,8 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
 
     inputs = to_tensor(pool.images)
     clones: dict[tuple[str, str, int], Path] = {}
+    bar = progress_bar(total=len(rows) * len(THIEVES) * len(SEEDS), desc="clones",
+                       unit="clone")
     for row in rows:
         version = row["version"]
         for thief in THIEVES:
@@ -174,9 +177,13 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
                 save_checkpoint(clone, path, {"role": "clone", "version": version,
                                               "thief": thief, "seed": seed})
                 clones[version, thief, seed] = path
+                bar.update()
             row[thief] = accuracies
-            print(f"v{version} {thief:>6} clones (seeds {', '.join(map(str, SEEDS))}): "
-                  f"{_spread(accuracies)}% Fashion-MNIST test accuracy")
+    bar.close()
+    for row in rows:
+        for thief in THIEVES:
+            print(f"v{row['version']} {thief:>6} clones (seeds {', '.join(map(str, SEEDS))}): "
+                  f"{_spread(row[thief])}% Fashion-MNIST test accuracy")
 
     _say("7/7 verify: does a suspect follow the secret mapping? (fresh Animal-MNIST images "
          "the thief never sent, 10,000 random mappings)")
@@ -194,13 +201,14 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
         "independently trained model": innocent_path,
     }
     verdicts = {}
-    for name, path in suspects.items():
+    for name, path in progress_bar(suspects.items(), desc="verify", unit="suspect"):
         verdict = verify_suspect(archives["2.0"], str(path), verification, progress=False)
         verdicts[name] = {"p_value": verdict.p_value, "follows": verdict.follows_receiver,
                           "null_mean": verdict.null_mean, "images": verdict.informative}
-        print(f"{name:>42}: follows sigma on {100 * verdict.follows_receiver:5.1f}% of "
-              f"{verdict.informative} gated images (random mappings {100 * verdict.null_mean:.1f}"
-              f"%), p = {verdict.p_value:.2g}")
+    for name, verdict in verdicts.items():
+        print(f"{name:>42}: follows sigma on {100 * verdict['follows']:5.1f}% of "
+              f"{verdict['images']} gated images (random mappings "
+              f"{100 * verdict['null_mean']:.1f}%), p = {verdict['p_value']:.2g}")
 
     print("\nversion  defense       defender acc (1,000 test)  soft clone   labels-only clone")
     for row in rows:

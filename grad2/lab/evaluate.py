@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from grad2 import defenses as D
 from grad2 import targets
@@ -56,6 +55,7 @@ from grad2.lab.train import (
     train_victim,
 )
 from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
+from grad2.tools.progress import progress_bar
 
 THIEVES = ("soft", "labels", "arch", "smooth", "prior")
 TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")
@@ -444,7 +444,8 @@ def apply_defense(
     """``defense`` over ``inputs``/``clean`` in batches; ``[N, K]`` float32 answers."""
     parts = []
     starts = range(0, len(inputs), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
+    for start in progress_bar(starts, desc=desc, leave=False, disable=not progress,
+                              unit="batch"):
         x = inputs[start:start + batch_size]
         parts.append(defense(x, clean[start:start + batch_size]).float())
     return torch.cat(parts)
@@ -639,7 +640,7 @@ def evaluate(sweep: Sweep, out: Path, lab: Lab) -> list[RunResult]:
     journal = out / "runs.jsonl"
     done = read_journal(out)
     todo = plan(sweep)
-    bar = tqdm(todo, desc="sweep", unit="clone", disable=not lab.progress)
+    bar = progress_bar(todo, desc="sweep", unit="clone", disable=not lab.progress)
     results, fresh = [], 0
     for spec, pool, thief, seed in bar:
         key = run_key(spec, pool, thief, seed, sweep)

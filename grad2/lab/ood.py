@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from grad2 import defenses as D
 from grad2 import gate
@@ -59,6 +58,7 @@ from grad2.lab.train import (
 )
 from grad2.models import load_checkpoint, penultimate, save_checkpoint
 from grad2.tools.ownership import permutation_test
+from grad2.tools.progress import progress_bar
 
 QUERIES = 4000
 SEEDS = (0, 1, 2)
@@ -259,7 +259,7 @@ class Defender:
             "grad2_gated_permute": feature_grid,
             "grad2_gated_redirect": feature_grid,
         }
-        for name in tqdm(wanted, desc="calibrate", disable=not self.progress):
+        for name in progress_bar(wanted, desc="calibrate", disable=not self.progress):
             chosen = grids[name][0]
             for knob in grids[name]:
                 if self._drop(self.build(name, knob)) <= VALIDATION_DROP:
@@ -503,7 +503,7 @@ def innocent_models(lab: Lab, count: int = 4) -> list[tuple[str, nn.Module]]:
     and subsets, small and wide networks), cached."""
     train = victim_train_split()
     models = []
-    for index in range(count):
+    for index in progress_bar(range(count), desc="innocent models", disable=not lab.progress):
         arch = "small_cnn" if index % 2 == 0 else MISMATCH_ARCH
 
         def fit(index: int = index, arch: str = arch) -> nn.Module:
@@ -546,7 +546,7 @@ def run_study(out: Path, folder: Path, quick: bool = False, progress: bool = Tru
         for line in journal.read_text().splitlines():
             run = Run(**json.loads(line))
             done[run.defense, run.pool, run.thief, run.seed] = run
-    for job in tqdm(plan(quick), desc="clones", disable=not progress):
+    for job in progress_bar(plan(quick), desc="clones", disable=not progress):
         if job in done:
             continue
         for run in run_thief(defender, *job):

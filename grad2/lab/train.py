@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from grad2.config import InputConfig
 from grad2.lab.data import (
@@ -41,6 +40,7 @@ from grad2.lab.data import (
     victim_train_split,
 )
 from grad2.models import build_model, load_checkpoint, model_spec, save_checkpoint
+from grad2.tools.progress import progress_bar
 
 VICTIM_ARCH = "small_cnn"
 VICTIM_EPOCHS = 20
@@ -211,8 +211,8 @@ def distill(
     for epoch in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         running, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not progress, unit="batch")
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
+                           leave=False, disable=not progress, unit="batch")
         for index in bar:
             chosen = order[index * effective_batch:(index + 1) * effective_batch]
             batch = inputs[chosen]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from grad2.config import InputConfig
 from grad2.serve import RequestError, decode_image, normalise
+from grad2.tools.progress import progress_bar
 
 #: File suffixes read as images (what Pillow decodes among the worker's formats).
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
@@ -105,8 +105,8 @@ class ImageSet:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         total = len(self)
-        bar = tqdm(total=total, desc=desc or self.source.name, unit="img", disable=not progress,
-                   leave=False)
+        bar = progress_bar(total=total, desc=desc or self.source.name, unit="img",
+                           disable=not progress, leave=False)
         try:
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)

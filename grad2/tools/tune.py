@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 from torch import Tensor
-from tqdm import tqdm
 
 from grad2.config import EPSILON_GRID, ConfigError
 from grad2.defenses import Defense, takes
 from grad2.lab.train import predict_probs, set_threads, train_clone
 from grad2.serve import ServedModel
+from grad2.tools.progress import progress_bar
 
 
 @dataclass
@@ -83,7 +83,8 @@ def sweep_batches(
     if count == 0:
         raise ValueError("no validation images")
     points = []
-    for epsilon in tqdm(epsilons, desc="simulated thief", disable=not progress or thief is None):
+    for epsilon in progress_bar(epsilons, desc="simulated thief",
+                                disable=not progress or thief is None):
         points.append(TunePoint(
             epsilon=epsilon,
             accuracy=correct[epsilon] / count,
