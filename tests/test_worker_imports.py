@@ -123,3 +123,71 @@ def test_serving_commands_run_without_the_lab_extra(tmp_path: Path) -> None:
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--victim" in result.stdout
+
+
+KSERVE_PROBE = r"""
+import asyncio, importlib.abc, json, sys
+# The lab, the tools, matplotlib and scipy are refused from the start. The kserve SDK
+# itself imports requests (through kubernetes) and, with pandas, tqdm: out of this
+# package's hands, so those two are refused only once kserve is loaded; from then on any
+# import of them (module or function level) by grad2 code fails.
+for name in ("matplotlib", "scipy", "grad2.lab", "grad2.tools"):
+    sys.modules[name] = None
+import numpy, PIL.Image, torch, torchvision, yaml  # noqa: E401
+import kserve  # noqa: F401
+for name in ("requests", "tqdm"):
+    sys.modules[name] = None
+
+attempts = []
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("grad2.lab", "grad2.tools", "matplotlib", "tqdm", "requests",
+                            "scipy", "ts.", "grad2.serve.archive", "grad2.serve.server")):
+            attempts.append(name)
+            raise ImportError(f"the predictor must not import {name}")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+from grad2.serve.kserve import Grad2Predictor
+predictor = Grad2Predictor("m", sys.argv[1])
+predictor.load()
+body = {"instances": [{"tensor": [[0.5] * 28] * 28}] * 3}
+answer = asyncio.run(predictor.predict(body, {"content-type": "application/json"}))
+print(json.dumps({
+    "attempts": attempts,
+    "grad2": sorted(name for name, module in sys.modules.items()
+                    if name.startswith("grad2") and module is not None),
+    "ts": sorted(name for name in sys.modules if name == "ts" or name.startswith("ts.")),
+    "answers": answer["predictions"],
+}))
+"""
+
+
+def test_kserve_predictor_imports_no_lab_or_tools_code(tmp_path: Path) -> None:
+    """The KServe predictor loads an archive and answers a v1 request in a fresh
+    interpreter with the lab, the tools, matplotlib and scipy unimportable (and requests
+    and tqdm once kserve has loaded them), without TorchServe's ``ts``."""
+    torch.manual_seed(0)
+    save_checkpoint(build_model("small_cnn"), tmp_path / "victim.pt")
+    torch.manual_seed(1)
+    save_checkpoint(build_model("small_cnn"), tmp_path / "surrogate.pt")
+    config = yaml.safe_load(template_path("model-configs/grad2.yaml").read_text())
+    config["batchSize"] = 4
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    model_dir = tmp_path / "model_dir"
+    stage_archive_files(model_dir, tmp_path / "config.yaml", tmp_path / "victim.pt",
+                        tmp_path / "surrogate.pt")
+    result = subprocess.run([sys.executable, "-c", KSERVE_PROBE, str(model_dir)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["attempts"] == []
+    assert not [name for name in report["grad2"] if name.startswith(("grad2.lab", "grad2.tools"))]
+    assert "grad2.serve.kserve" in report["grad2"] and "grad2.serve.pipeline" in report["grad2"]
+    assert "grad2.serve.archive" not in report["grad2"]
+    assert "grad2.serve.server" not in report["grad2"]
+    assert "grad2.serve.handler" not in report["grad2"] and report["ts"] == []
+    assert len(report["answers"]) == 3
+    for answer in report["answers"]:
+        assert abs(sum(answer.values()) - 1) < 1e-5
