@@ -140,7 +140,7 @@ def test_lifecycle_on_another_model_and_other_images(tmp_path: Path) -> None:
     zipfile.ZipFile(work / "store" / "pics_v2.1.mar").extractall(unpacked)
     model = load_served_model(unpacked, yaml.safe_load((unpacked / "model-config.yaml")
                                                        .read_text()))
-    assert model.defense_config.epsilon == chosen
+    assert model.defense_config.params["epsilon"] == chosen
     x = normalise(decode_image(probe.read_bytes(), model.input_config)[None], model.input_config)
     clean = clean_probabilities(model.victim, x)
     with torch.enable_grad():

@@ -73,7 +73,8 @@ def gated(tmp_path_factory: pytest.TempPathFactory
         gate_slope=keys["gate_slope"])
     build_archive(MODEL, "2.0", folder / "victim.pt", config, store,
                   surrogate=folder / "surrogate.pt", index_to_name=names,
-                  mapping_key=folder / "secret" / "mapping.key", gate_file=folder / "gate.pt",
+                  files={"mapping_key": folder / "secret" / "mapping.key",
+                         "gate_file": folder / "gate.pt"},
                   archive_name=f"{MODEL}-2.0")
     none = folder / "none.yaml"
     raw = yaml.safe_load(first.read_text())

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from grad2.config import ConfigError, defense_classes
+from grad2.config import ConfigError
+from grad2.defenses import takes
 from grad2.lab.families import QUICK_EPSILONS, SHORT_EPSILONS
 from grad2.lab.train import CLONE_EPOCHS, padding_fill, predict_probs, train_clone
 from grad2.models import model_spec
@@ -57,7 +58,7 @@ def evaluate_archive(
     epochs = epochs or (3 if quick else CLONE_EPOCHS)
     with open_archive(Path(archive)) as opened:
         method = opened.config.get("defense", {}).get("method")
-        if not defense_classes()[method].budgeted:
+        if method not in takes("epsilon"):
             raise ConfigError("defense.method", f"{archive} serves method {method}, which has "
                               "no epsilon to sweep; evaluate a grad2/random/mad archive")
 

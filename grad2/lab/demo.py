@@ -112,7 +112,7 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
         archives[version] = build_archive(
             MODEL, version, models_dir / "victim.pt", config, store,
             surrogate=models_dir / "surrogate_defender.pt" if gated else None,
-            gate_file=gate_path if gated else None, mapping_key=key_path if gated else None,
+            files={"gate_file": gate_path, "mapping_key": key_path} if gated else None,
             index_to_name=names, archive_name=f"{MODEL}_v{version}", force=True,
         )
         print(f"built {archives[version]}")

@@ -348,7 +348,7 @@ class Lab:
             "mad_argmax": lambda: D.MADArgmax(surrogate, knob),
             "grad2": lambda: D.GRAD2(surrogate, knob),
             "grad2_top1": lambda: D.GRAD2(surrogate, knob, preserve_top1=True),
-            "grad2_min_ip": lambda: D.GRAD2(surrogate, knob, target="min_ip"),
+            "grad2_min_ip": lambda: controls.MinIPGRAD2(surrogate, knob),
             "grad2_random_surrogate": lambda: D.GRAD2(surrogate, knob),
             "grad2_misdirect": lambda: D.GRAD2(surrogate, knob, self.misdirect_target(pool)),
             "grad2_misdirect_top1": lambda: D.GRAD2(

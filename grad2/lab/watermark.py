@@ -37,11 +37,11 @@ from torch import Tensor, nn
 
 from grad2 import targets
 from grad2.balance import balance_target
-from grad2.defenses import GRAD2, Defense, solve_answers
+from grad2.defenses import GRAD2, Defense
 from grad2.lab.data import to_tensor
 from grad2.lab.families import SHORT_EPSILONS
 from grad2.models import load_checkpoint, penultimate
-from grad2.redirect import redirect
+from grad2.redirect import redirect, solve_answers
 from grad2.scores import eval_mode
 
 DEFAULT_TRIGGERS = 20

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from grad2 import gate
+from grad2.models import penultimate
 
 #: The slope in validation standard deviations of the score (see ``grad2 ood-study``).
 SLOPE_SPREADS = 20.0
@@ -41,7 +42,7 @@ def fit_gate_files(archive: Path, images: Path, validation: Path, out: Path,
             features, labels = [], []
             for x, batch_labels, _ in image_set.batches(256, progress=progress,
                                                         desc=folder.name):
-                features.append(gate.penultimate(served.surrogate, x))
+                features.append(penultimate(served.surrogate, x))
                 if need_labels:
                     if batch_labels is None:
                         batch_labels = clean_probabilities(served.victim, x, None).argmax(1)
