@@ -21,8 +21,6 @@ from typing import Any, ClassVar, Protocol
 
 ON_FAILURE = ("reject", "top1")
 OUTPUTS = ("probabilities", "topk")
-#: The ε grid that tuning and the evaluation sweep by default.
-EPSILON_GRID: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(11))
 
 
 class ConfigError(ValueError):

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from grad2 import defenses as D
 from grad2 import targets
 from grad2.balance import balance_target
-from grad2.config import EPSILON_GRID
 from grad2.lab import controls
 from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
 from grad2.lab.families import L1_FAMILIES, LAB_DEFENSES, QUICK_EPSILONS, SWEEP_FAMILIES
@@ -56,6 +55,7 @@ from grad2.lab.train import (
 )
 from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
 from grad2.tools.progress import progress_bar
+from grad2.tools.tune import EPSILON_GRID
 
 THIEVES = ("soft", "labels", "arch", "smooth", "prior")
 TRAINED_THIEVES = ("soft", "labels", "arch", "smooth")

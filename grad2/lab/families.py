@@ -93,7 +93,7 @@ STUDY_DEFENSES: tuple[str, ...] = (
 )
 
 #: The lab's short budget grid (archive and watermark evaluations); the tuning grid is
-#: :data:`grad2.config.EPSILON_GRID`.
+#: :data:`grad2.tools.tune.EPSILON_GRID`.
 SHORT_EPSILONS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
 #: The budgets of ``--quick`` runs (the archive evaluation, the quick sweep).
 QUICK_EPSILONS: tuple[float, ...] = (0.0, 0.5, 1.0)

@@ -20,11 +20,14 @@ import torch
 import yaml
 from torch import Tensor
 
-from grad2.config import EPSILON_GRID, ConfigError
+from grad2.config import ConfigError
 from grad2.defenses import Defense, takes
 from grad2.lab.train import predict_probs, set_threads, train_clone
 from grad2.serve import ServedModel
 from grad2.tools.progress import progress_bar
+
+#: The ε grid ``grad2 tune`` tries by default (and the lab's full sweep).
+EPSILON_GRID: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(11))
 
 
 @dataclass
