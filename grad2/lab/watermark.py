@@ -4,8 +4,9 @@
 victim; by default animal-like silhouettes the surrogate is unsure of) and secret labels,
 builds the ``watermark`` target ``t = mean_w ∇_θ log s_θ(y_w | x_w)`` from the surrogate,
 and writes the target (packed in the archive as ``defense.target_file``) and the secret
-(kept by the owner) to separate files. A clone trained on a ``target: watermark`` API's
-answers is steered toward mapping the triggers to their labels.
+(kept by the owner) to separate files. A clone trained on the answers of an API serving it
+(``target: file``) is
+steered toward mapping the triggers to their labels.
 
 ``grad2 watermark verify --secret S (--model clone.pt | --url URL)`` tests a suspect with
 two statistics, both exact under the null hypothesis "the suspect is independent of the
@@ -604,7 +605,7 @@ def _create_command(args: argparse.Namespace) -> int:
     targets.save(target, args.target_out)
     secret.save(args.secret_out)
     print(f"target: {args.target_out} (pack it with grad2 archive --target, "
-          f"defense.target: watermark, defense.target_file: {Path(args.target_out).name})")
+          f"defense.target: file, defense.target_file: {Path(args.target_out).name})")
     print(f"secret: {args.secret_out} (keep it private; it proves ownership)")
     return 0
 
