@@ -5,8 +5,7 @@ victim; by default animal-like silhouettes the surrogate is unsure of) and secre
 builds the ``watermark`` target ``t = mean_w ∇_θ log s_θ(y_w | x_w)`` from the surrogate,
 and writes the target (packed in the archive as ``defense.target_file``) and the secret
 (kept by the owner) to separate files. A clone trained on the answers of an API serving it
-(``target: file``) is
-steered toward mapping the triggers to their labels.
+(``target: file``) is steered toward mapping the triggers to their labels.
 
 ``grad2 watermark verify --secret S (--model clone.pt | --url URL)`` tests a suspect with
 two statistics, both exact under the null hypothesis "the suspect is independent of the
