@@ -172,26 +172,25 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _serve_kserve(args: argparse.Namespace) -> int:
-    specs = parse_model_specs(args.model_store, args.models)
-    if len(specs) != 1:
-        raise SystemExit(f"--runtime kserve serves one archive per server; got {len(specs)} "
-                         "(name them with --models NAME=FILE.mar)")
-    name, _, file = specs[0].partition("=")
+    specs = [spec.partition("=") for spec in parse_model_specs(args.model_store, args.models)]
+    if len({name for name, _, _ in specs}) != len(specs):
+        raise SystemExit("--runtime kserve serves one version per model name")
     port = None if args.free_ports else args.inference_port
-    server = start_kserve(Path(args.model_store) / file, name, workdir=args.workdir,
-                          host=args.host, port=port, timeout=args.timeout)
+    server = start_kserve({name: Path(args.model_store) / file for name, _, file in specs},
+                          workdir=args.workdir, host=args.host, port=port,
+                          timeout=args.timeout)
     print(describe_kserve(server))
     return 0
 
 
 def describe_kserve(server: KServeServer) -> str:
-    """Endpoints and model of a running KServe model server, for people."""
+    """Endpoints and models of a running KServe model server, for people."""
     return "\n".join([
         f"KServe model server is READY (pid {server.pid}), work dir {server.workdir}",
-        f"  inference   {server.inference_url}   POST /v1/models/{server.model}:predict, "
-        f"/v2/models/{server.model}/infer",
+        f"  inference   {server.inference_url}   POST /v1/models/NAME:predict, "
+        "/v2/models/NAME/infer",
         f"  metrics     {server.metrics_url}",
-        f"  model       {server.model} ({server.archive})",
+        f"  models      {'; '.join(f'{name} ({path})' for name, path in server.models.items())}",
         "  no authentication: keep it on loopback or behind an authenticating gateway",
         f"  log         {server.log_file}",
         f"Stop it with: grad2 serve --stop --workdir {server.workdir}",

@@ -3,8 +3,8 @@ as the TorchServe handler, on KServe's Python model server (``pip install
 'grad2-serve[kserve]'``).
 
 ``python -m grad2.serve.kserve --model_dir PATH [--model_name NAME] [--http_port N]`` loads an
-archive (a ``.mar``, a folder holding one, or its unpacked files), plans its batch sizes as
-the TorchServe worker does, and serves:
+archive (a ``.mar``, a folder holding one, or its unpacked files; ``--model_dir NAME=PATH``
+repeated serves several), plans its batch sizes as the TorchServe worker does, and serves:
 
 - ``POST /v1/models/NAME:predict``: a KServe v1 body (``{"instances": [...]}``), a plain JSON
   body (``{"image": b64}``, ``{"tensor": [...]}``) or image bytes (``Content-Type:
@@ -367,9 +367,9 @@ def _refused_response(_: Any, error: RefusedError) -> Any:
     return JSONResponse(status_code=error.reply.status, content=error.reply.body)
 
 
-def serve(predictor: Grad2Predictor, host: str, args: argparse.Namespace) -> None:
+def serve(predictors: Sequence[Grad2Predictor], host: str, args: argparse.Namespace) -> None:
     """Run KServe's model server (REST, and gRPC if ``args.enable_grpc``) for
-    ``predictor`` until SIGTERM/SIGINT, with REST bound to ``host``."""
+    ``predictors`` until SIGTERM/SIGINT, with REST bound to ``host``."""
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.model_server import ModelServer, app
     from kserve.protocol.grpc.server import GRPCServer
@@ -379,8 +379,9 @@ def serve(predictor: Grad2Predictor, host: str, args: argparse.Namespace) -> Non
     app.add_middleware(BodyLimit, limit=args.max_request_size)
     server = ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
                          enable_grpc=args.enable_grpc)
-    server.register_model(predictor)
-    predictor.enable_latency_logging = server.enable_latency_logging
+    for predictor in predictors:
+        server.register_model(predictor)
+        predictor.enable_latency_logging = server.enable_latency_logging
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane,
                       server.model_repository_extension, args.http_port, workers=1,
                       grace_period=server.grace_period, event_loop=args.event_loop,
@@ -410,15 +411,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grad2.serve.kserve", parents=[kserve_parser],
         description="Serve a GRAD²-defended .mar on KServe's model server.")
-    parser.add_argument("--model_dir", required=True, type=Path,
+    parser.add_argument("--model_dir", required=True, action="append",
                         help="a .mar, a folder holding one (KServe's /mnt/models), or an "
-                        "unpacked archive")
+                        "unpacked archive; NAME=PATH, repeated, serves several")
     parser.add_argument("--host", default="127.0.0.1",
                         help="REST address (default 127.0.0.1; 0.0.0.0 in a pod)")
     parser.add_argument("--max_request_size", type=int, default=DEFAULT_BODY_LIMIT,
                         help="largest request body in bytes (413 above)")
     parser.set_defaults(model_name=None, enable_grpc=False)
     return parser
+
+
+def model_specs(specs: Sequence[str], name: str | None = None
+                ) -> list[tuple[str | None, Path]]:
+    """``(name, path)`` per ``--model_dir`` value (``PATH`` or ``NAME=PATH``); ``name``
+    (``--model_name``) names a lone unnamed one; unnamed ones take their manifest's."""
+    found = []
+    for spec in specs:
+        given, separator, path = spec.partition("=")
+        if separator and given and not Path(spec).exists():
+            found.append((given, Path(path)))
+        else:
+            found.append((name if len(specs) == 1 else None, Path(spec)))
+    return found
 
 
 def _log_to_stderr() -> None:
@@ -439,14 +454,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "MKL_CBWR" not in os.environ:
         logger.warning("MKL_CBWR is not set: set MKL_CBWR=AUTO,STRICT for answers that are "
                        "bit-identical at every batch size")
-    predictor = Grad2Predictor(args.model_name, args.model_dir)
-    try:
-        predictor.load()
-    except Exception as error:
-        logger.error("model %s refused to load: %s", args.model_name or args.model_dir, error)
-        print(f"model refused to load: {error}", file=sys.stderr)
-        return 2
-    serve(predictor, args.host, args)
+    predictors = [Grad2Predictor(name, path)
+                  for name, path in model_specs(args.model_dir, args.model_name)]
+    for predictor in predictors:
+        try:
+            predictor.load()
+        except Exception as error:
+            where = predictor.name or predictor.model_dir
+            logger.error("model %s refused to load: %s", where, error)
+            print(f"model {where} refused to load: {error}", file=sys.stderr)
+            return 2
+    serve(predictors, args.host, args)
     return 0
 
 

@@ -456,8 +456,8 @@ class KServeServer:
     host: str
     port: int
     pid: int
-    model: str
-    archive: str = ""
+    #: Model name -> the archive it serves.
+    models: dict[str, str]
 
     @property
     def inference_url(self) -> str:
@@ -489,13 +489,16 @@ class KServeServer:
         return bool(self.processes())
 
     def ready(self, timeout: float = 5.0) -> bool:
-        """``GET /v2/models/NAME/ready`` answers 200."""
-        url = f"{self.inference_url}/v2/models/{urllib.parse.quote(self.model)}/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        """``GET /v2/models/NAME/ready`` answers 200 for every model."""
+        for name in self.models:
+            url = f"{self.inference_url}/v2/models/{urllib.parse.quote(name)}/ready"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    if response.status != 200:
+                        return False
+            except (urllib.error.URLError, OSError):
+                return False
+        return True
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Poll until the model is READY; ``RuntimeError`` with the log's last lines if the
@@ -506,7 +509,8 @@ class KServeServer:
                 raise RuntimeError(f"the KServe model server exited during start-up\n"
                                    f"{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"model {self.model} not READY after {timeout:.0f} s\n"
+                raise RuntimeError(f"model(s) {', '.join(self.models)} not READY after "
+                                   f"{timeout:.0f} s\n"
                                    f"{self.log_tail()}")
             time.sleep(0.3)
 
@@ -541,7 +545,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_kserve(
-    archive: Path,
+    models: Mapping[str, Path] | Path,
     name: str | None = None,
     workdir: Path = DEFAULT_KSERVE_WORKDIR,
     host: str = "127.0.0.1",
@@ -550,17 +554,21 @@ def start_kserve(
     timeout: float = 180.0,
     extra_env: Mapping[str, str] | None = None,
 ) -> KServeServer:
-    """Start ``python -m grad2.serve.kserve`` for the ``.mar`` (or unpacked archive)
-    ``archive`` as model ``name`` (default: the manifest's) on ``host:port`` (default: a
-    free port) and, if ``wait``, return once it is READY. Its temp dir and log live under
-    ``workdir``; ``MKL_CBWR=AUTO,STRICT`` as for TorchServe. If the model never becomes
-    READY the process is stopped and ``RuntimeError`` carries the log's last lines."""
+    """Start ``python -m grad2.serve.kserve`` for ``models`` (name -> ``.mar`` or unpacked
+    archive; or one archive, named ``name`` or by its manifest) on ``host:port`` (default:
+    a free port) and, if ``wait``, return once every model is READY. Its temp dir and log
+    live under ``workdir``; ``MKL_CBWR=AUTO,STRICT`` as for TorchServe. If a model never
+    becomes READY the process is stopped and ``RuntimeError`` carries the log's last lines."""
     workdir = Path(workdir).resolve()
-    archive = Path(archive).resolve()
-    if not archive.exists():
-        raise FileNotFoundError(f"archive {archive} not found")
-    if name is None:
-        name = read_manifest(archive)["model"]["modelName"] if archive.is_file() else "model"
+    if not isinstance(models, Mapping):
+        archive = Path(models)
+        if name is None and archive.is_file():
+            name = read_manifest(archive)["model"]["modelName"]
+        models = {name or archive.stem: archive}
+    models = {key: Path(path).resolve() for key, path in models.items()}
+    for path in models.values():
+        if not path.exists():
+            raise FileNotFoundError(f"archive {path} not found")
     for sub in ("tmp", "logs"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     if (workdir / "kserve.json").is_file() and KServeServer.load(workdir).is_running():
@@ -569,15 +577,17 @@ def start_kserve(
     port = port or free_port(host)
     env = {**os.environ, "MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO,STRICT"),
            "TMPDIR": str(workdir / "tmp"), **(extra_env or {})}
-    command = [sys.executable, "-m", "grad2.serve.kserve", "--model_dir", str(archive),
-               "--model_name", name, "--host", host, "--http_port", str(port),
-               "--grpc_port", str(free_port(host))]
+    command = [sys.executable, "-m", "grad2.serve.kserve", "--host", host,
+               "--http_port", str(port), "--grpc_port", str(free_port(host))]
+    for key, path in models.items():
+        command += ["--model_dir", f"{key}={path}"]
     with open(workdir / "logs" / "kserve.log", "ab") as log:
         process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
-    server = KServeServer(workdir, host, port, process.pid, name, str(archive))
+    server = KServeServer(workdir, host, port, process.pid,
+                          {key: str(path) for key, path in models.items()})
     server.save()
     if wait:
         try:
