@@ -34,7 +34,7 @@ from ts_client import TIMEOUT, b64, png
 
 from grad2.config import InputConfig
 from grad2.serve import Ports, build_archive, codec, start_server
-from grad2.serve.server import KServeServer, start_kserve, stop_kserve
+from grad2.serve.kserve_server import KServeServer, start_kserve, stop_kserve
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))

@@ -110,7 +110,8 @@ def test_running_server_listens_on_loopback_only(server) -> None:
     """Every socket the frontend listens on (HTTP, management, metrics, both gRPC ports)
     is bound to 127.0.0.1, and the generated config says what the shipped one says."""
     java = server.processes()[0]
-    listening = [c for c in java.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    connections = getattr(java, "net_connections", None) or java.connections  # psutil < 6
+    listening = [c for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     ports = {c.laddr.port for c in listening}
     assert {server.ports.inference, server.ports.management, server.ports.metrics,
             server.ports.grpc_inference, server.ports.grpc_management} <= ports

@@ -28,7 +28,8 @@ import yaml
 
 from grad2.models import build_model, save_checkpoint
 from grad2.serve import Ports, build_archive, start_server
-from grad2.serve.server import start_kserve, stop_kserve, stop_server
+from grad2.serve.kserve_server import start_kserve, stop_kserve
+from grad2.serve.server import stop_server
 from grad2.serve.templates import template_path
 
 

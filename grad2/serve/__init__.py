@@ -5,7 +5,10 @@
 - :mod:`grad2.serve.codec` — request payloads to tensors, defended probabilities to answers;
 - :mod:`grad2.serve.loader` — an archive's files to a :class:`~grad2.serve.loader.ServedModel`;
 - :mod:`grad2.serve.archive` — ``grad2 archive``: validate and pack a ``.mar``;
+- :mod:`grad2.serve.pipeline` — decode → victim → defense → encode, shared by the runtimes;
+- :mod:`grad2.serve.kserve` — the same path as a KServe predictor (``kserve`` extra);
 - :mod:`grad2.serve.server` — ``grad2 serve``: run TorchServe, tokens, ports;
+- :mod:`grad2.serve.kserve_server` — ``grad2 serve --runtime kserve``: run the predictor;
 - :mod:`grad2.serve.templates` — files shipped in the wheel (handler entry file,
   ``config.properties``, metrics, example ``model-config.yaml`` files).
 

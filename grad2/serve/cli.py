@@ -7,17 +7,19 @@ from dataclasses import fields
 from pathlib import Path
 
 from grad2.serve.archive import DEFAULT_HANDLER, DEFAULT_MODEL_STORE, FILE_OPTIONS, build_archive
-from grad2.serve.server import (
+from grad2.serve.kserve_server import (
     DEFAULT_KSERVE_WORKDIR,
+    KServeServer,
+    start_kserve,
+    stop_kserve,
+)
+from grad2.serve.server import (
     DEFAULT_TS_CONFIG,
     DEFAULT_WORKDIR,
-    KServeServer,
     Ports,
     TorchServeServer,
     parse_model_specs,
-    start_kserve,
     start_server,
-    stop_kserve,
     stop_server,
 )
 from grad2.serve.templates import model_config_names, template_path
