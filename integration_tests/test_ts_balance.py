@@ -6,22 +6,31 @@ not."""
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import stop_and_check_gone, write_model_config
 
 from grad2 import targets
 from grad2.balance import marginal_gap
 from grad2.cli import main
 from grad2.defenses import GRAD2
-from grad2.lab.attack import APIClient
-from grad2.lab.data import FASHION_CLASSES, thief_pool, to_tensor
-from grad2.lab.train import predict_probs
+from grad2.lab.attack import APIClient, encode_png
+from grad2.lab.data import FASHION_CLASSES, thief_pool
 from grad2.models import build_model, load_checkpoint, save_checkpoint
-from grad2.serve import Ports, TorchServeServer, build_archive, start_server
+from grad2.serve import (
+    Ports,
+    TorchServeServer,
+    build_archive,
+    decode_image,
+    load_served_model,
+    normalise,
+    start_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +78,20 @@ def test_served_balanced_answers_keep_the_mean_answer(balanced) -> None:
     assert stats.failed == 0 and classes == list(FASHION_CLASSES)
     assert answered.tolist() == list(range(REFERENCES))
 
-    victim, _ = load_checkpoint(folder / "victim.pt")
     surrogate, _ = load_checkpoint(folder / "surrogate.pt")
-    x = to_tensor(images)
-    clean = predict_probs(victim, x)
-    balanced_target = targets.load(folder / "balanced.pt", surrogate)
-    expected = GRAD2(surrogate, EPSILON, balanced_target, preserve_top1=True)(x, clean)
+    # The worker's computation in process: the archive loaded as the worker loads it
+    # (channels-last networks, batch plans), each PNG decoded and normalised as it is.
+    unpacked = folder / "unpacked"
+    with zipfile.ZipFile(folder / "store" / f"{MODEL}.mar") as bundle:
+        bundle.extractall(unpacked)
+    model = load_served_model(unpacked, yaml.safe_load((unpacked / "model-config.yaml")
+                                                       .read_text()))
+    model.plan_batches(8)
+    spec = model.input_config
+    x = normalise(torch.stack([decode_image(encode_png(image), spec) for image in images]), spec)
+    clean = model.probabilities(x)
+    with torch.enable_grad():
+        expected = model.defense(x, clean)
     torch.testing.assert_close(served, expected.float(), atol=1e-4, rtol=0)
     assert torch.equal(served.argmax(dim=1), clean.argmax(dim=1))
 
