@@ -2,7 +2,8 @@
 fresh virtual environment outside the checkout (the pinned torch via constraints.txt, so
 the install is served from pip's cache), then, from an empty directory and with nothing
 of the checkout on the path, ``grad2 archive`` packs a model, ``grad2 serve`` serves it
-and the inference API gives the defended answer the library computes."""
+and the inference API gives the defended answer the library computes; then the ``kserve``
+extra, installed beside it, serves the same archive with the same answer."""
 
 from __future__ import annotations
 
@@ -128,6 +129,22 @@ def test_installed_wheel_archives_serves_and_defends(wheel: Path, tmp_path: Path
         assert_on_simplex(probabilities.numpy())
     finally:
         run([str(grad2), "serve", "--stop", "--workdir", "ts"], cwd=work, env=env)
+
+    # The kserve extra beside it: the same archive, the same answer, through KServe's V1.
+    run([str(python), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"),
+         f"{wheel}[kserve]"], cwd=work, env=env, timeout=1200)
+    run([str(grad2), "serve", "--runtime", "kserve", "--model-store", "store", "--models",
+         "fashion=fashion.mar", "--workdir", "ks", "--free-ports", "--timeout", "300"],
+        cwd=work, env=env)
+    try:
+        port = json.loads((work / "ks" / "kserve.json").read_text())["port"]
+        response = requests.post(f"http://127.0.0.1:{port}/v1/models/fashion:predict",
+                                 data=image, headers={"Content-Type": "image/png"},
+                                 timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json() == answer
+    finally:
+        run([str(grad2), "serve", "--stop", "--workdir", "ks"], cwd=work, env=env)
 
     # The same answer from this checkout's library on the same files: the wheel serves
     # the defense, not the clean probabilities.
