@@ -360,6 +360,21 @@ def test_epsilon_zero_returns_the_clean_answer(
     assert torch.equal(vector, clean_answer(handler, image).double())
 
 
+def test_rounding_answers_rows_that_sum_to_one_within_its_rounding(
+    handler_class: type, model_dir: Path, keep_threads: None
+) -> None:
+    config = model_config()
+    config["defense"] = {"method": "rounding", "decimals": 2, "surrogate": None}
+    handler, context = make_handler(handler_class, model_dir, config)
+    images = [png_bytes(seed) for seed in range(4)]
+    answers = handler.handle([{"body": bytearray(image)} for image in images], context)
+    assert [context.status(index) for index in range(4)] == [200] * 4
+    for image, answer in zip(images, answers, strict=True):
+        vector = as_vector(answer, handler.served.class_names)
+        expected = torch.round(clean_answer(handler, image), decimals=2).double()
+        assert torch.equal(vector, expected)
+
+
 # --------------------------------------------------------------------------- fail closed
 
 

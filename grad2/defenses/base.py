@@ -96,6 +96,11 @@ class Defense(ABC):
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
         """The defense proper; inputs already checked."""
 
+    def sum_tolerance(self, num_classes: int) -> float:
+        """How far from 1 a row of this defense's answers may sum (the runtime refuses
+        answers beyond it, failing closed); answers on the simplex: ``1e-4``."""
+        return 1e-4
+
     @classmethod
     def check_params(cls, params: Mapping[str, Any]) -> None:
         """Refuse combinations of this method's validated ``params`` that cannot work,

@@ -48,6 +48,10 @@ class Rounding(Defense):
     def from_config(cls, params, surrogate, files) -> Rounding:
         return cls(params["decimals"])
 
+    def sum_tolerance(self, num_classes: int) -> float:
+        # Each entry moves by at most half a unit of the last decimal kept.
+        return max(super().sum_tolerance(num_classes), num_classes * 0.5 * 10.0**-self.decimals)
+
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
         return torch.round(probs, decimals=self.decimals)
 

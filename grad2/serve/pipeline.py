@@ -105,7 +105,8 @@ class Pipeline:
         try:
             with torch.enable_grad():
                 defended = self.served.defense(x, probs)
-            codec.check_defended(defended, probs)
+            codec.check_defended(defended, probs,
+                                 self.served.defense.sum_tolerance(probs.shape[1]))
         except Exception as error:
             log_failure(f"defense {config.method}", error, len(x))
             self.emit("DefenseFailures", len(x), "count", counter=True)
