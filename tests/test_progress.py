@@ -25,6 +25,15 @@ def test_a_fast_loop_writes_no_frames_to_a_log(capsys: pytest.CaptureFixture[str
     assert len(written.splitlines()) <= 2
 
 
+def test_postfix_updates_wait_for_the_timed_redraw(capsys: pytest.CaptureFixture[str]) -> None:
+    bar = progress_bar(range(500), desc="epoch 1/1")
+    for step in bar:
+        bar.set_postfix(loss=f"{1 / (step + 1):.3f}")
+        bar.set_description(f"epoch 1/1 step {step}")
+    bar.close()
+    assert len(capsys.readouterr().err.splitlines()) <= 2
+
+
 def test_a_log_gets_one_plain_line_per_redraw() -> None:
     log = io.StringIO()
     outer = progress_bar(range(2), desc="outer", file=log, mininterval=0, delay=0)

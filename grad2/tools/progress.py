@@ -89,4 +89,19 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, terminal: bool | None
     for key in ("mininterval", "maxinterval", "delay"):
         tqdm_kwargs.setdefault(key, LOG_INTERVAL_S)
     tqdm_kwargs.setdefault("ascii", True)
-    return tqdm(iterable, file=_LineWriter(stream), **tqdm_kwargs)
+    return _log_bar(tqdm)(iterable, file=_LineWriter(stream), **tqdm_kwargs)
+
+
+def _log_bar(tqdm: type) -> type:
+    """tqdm whose postfix and description changes wait for the next timed redraw (tqdm
+    redraws on each by default: a line per training step in a log)."""
+
+    class LogBar(tqdm):
+        def set_postfix(self, ordered_dict: Any = None, refresh: bool = True,
+                        **kwargs: Any) -> None:
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+        def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+            super().set_description(desc, refresh=False)
+
+    return LogBar
