@@ -75,17 +75,24 @@ print(json.dumps({
 """
 
 
-def test_worker_imports_no_lab_or_tools_code_or_their_dependencies(tmp_path: Path) -> None:
+def staged_model_dir(folder: Path) -> Path:
+    """An unpacked archive in ``folder``: random ``small_cnn`` victim and surrogate, the
+    shipped ``grad2`` example at batch size 4."""
     torch.manual_seed(0)
-    save_checkpoint(build_model("small_cnn"), tmp_path / "victim.pt")
+    save_checkpoint(build_model("small_cnn"), folder / "victim.pt")
     torch.manual_seed(1)
-    save_checkpoint(build_model("small_cnn"), tmp_path / "surrogate.pt")
+    save_checkpoint(build_model("small_cnn"), folder / "surrogate.pt")
     config = yaml.safe_load(template_path("model-configs/grad2.yaml").read_text())
     config["batchSize"] = 4
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    model_dir = tmp_path / "model_dir"
-    stage_archive_files(model_dir, tmp_path / "config.yaml", tmp_path / "victim.pt",
-                        tmp_path / "surrogate.pt")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    model_dir = folder / "model_dir"
+    stage_archive_files(model_dir, folder / "config.yaml", folder / "victim.pt",
+                        folder / "surrogate.pt")
+    return model_dir
+
+
+def test_worker_imports_no_lab_or_tools_code_or_their_dependencies(tmp_path: Path) -> None:
+    model_dir = staged_model_dir(tmp_path)
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(model_dir), str(template_path("grad2_handler.py")),
          ",".join(FORBIDDEN)],
@@ -168,16 +175,7 @@ def test_kserve_predictor_imports_no_lab_or_tools_code(tmp_path: Path) -> None:
     """The KServe predictor loads an archive and answers a v1 request in a fresh
     interpreter with the lab, the tools, matplotlib and scipy unimportable (and requests
     and tqdm once kserve has loaded them), without TorchServe's ``ts``."""
-    torch.manual_seed(0)
-    save_checkpoint(build_model("small_cnn"), tmp_path / "victim.pt")
-    torch.manual_seed(1)
-    save_checkpoint(build_model("small_cnn"), tmp_path / "surrogate.pt")
-    config = yaml.safe_load(template_path("model-configs/grad2.yaml").read_text())
-    config["batchSize"] = 4
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    model_dir = tmp_path / "model_dir"
-    stage_archive_files(model_dir, tmp_path / "config.yaml", tmp_path / "victim.pt",
-                        tmp_path / "surrogate.pt")
+    model_dir = staged_model_dir(tmp_path)
     result = subprocess.run([sys.executable, "-c", KSERVE_PROBE, str(model_dir)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
