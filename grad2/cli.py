@@ -16,7 +16,7 @@ from collections.abc import Sequence
 #: Sub-command -> (module that registers it, one-line help for ``grad2 --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
     "archive": ("grad2.serve.cli", "validate a model and its defense config, pack a .mar"),
-    "serve": ("grad2.serve.cli", "start (or --stop) TorchServe with defended models"),
+    "serve": ("grad2.serve.cli", "start (or --stop) TorchServe or KServe with defended models"),
     "tune": ("grad2.tools.tune", "choose epsilon for a model version, build the next archive"),
     "target": ("grad2.tools.target_files", "write a target direction file (target: file)"),
     "gate": ("grad2.tools.gate_files", "fit a grad2_gated model's feature gate"),
