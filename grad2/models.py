@@ -156,6 +156,24 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return captured[-1].flatten(1)
 
 
+def predict_probs(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, device: str = "cpu"
+) -> torch.Tensor:
+    """Softmax outputs ``[N, K]`` (float32, CPU) for ``inputs [N, C, H, W]``, in eval mode
+    (restored afterwards), in batches of ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            logits = model(inputs[start:start + batch_size].to(device))
+            outputs.append(logits.float().softmax(dim=1).cpu())
+    model.train(was_training)
+    if not outputs:
+        raise ValueError("no inputs")
+    return torch.cat(outputs)
+
+
 class SurrogateEnsemble(nn.Module):
     """Several surrogates as one model (``[B, C, H, W]`` -> ``[B, K]``): the sum of the
     members' log-probabilities, a product of experts.

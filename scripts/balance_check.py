@@ -21,7 +21,8 @@ import torch
 from grad2.balance import marginal_gap
 from grad2.lab.data import pool_indices, thief_pool, to_tensor
 from grad2.lab.evaluate import DefenseSpec, Lab, apply_defense, receivers
-from grad2.lab.train import predict_probs, set_threads
+from grad2.lab.train import set_threads
+from grad2.models import predict_probs
 
 DEFENSES = (("grad2_misdirect_top1", 2.0), ("grad2_misdirect_balanced_top1", 2.0),
             ("grad2_misdirect_top1", 1.0), ("grad2_misdirect_balanced_top1", 1.0),

@@ -129,8 +129,7 @@ def test_balancing_needs_a_fixed_target():
 def test_target_command_writes_a_balanced_file(tmp_path, capsys):
     from grad2.cli import main
     from grad2.lab.data import thief_pool, to_tensor
-    from grad2.lab.train import predict_probs
-    from grad2.models import build_model, save_checkpoint
+    from grad2.models import build_model, predict_probs, save_checkpoint
 
     torch.manual_seed(0)
     surrogate, victim = build_model("small_cnn"), build_model("small_cnn")

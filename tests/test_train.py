@@ -17,12 +17,11 @@ from grad2.lab.train import (
     augment_batch,
     cosine_lr,
     distill,
-    predict_probs,
     soft_cross_entropy,
     train_clone,
     train_surrogate,
 )
-from grad2.models import build_model, save_checkpoint
+from grad2.models import build_model, predict_probs, save_checkpoint
 
 
 def template_problem(

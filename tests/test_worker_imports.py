@@ -189,3 +189,15 @@ def test_kserve_predictor_imports_no_lab_or_tools_code(tmp_path: Path) -> None:
     assert len(report["answers"]) == 3
     for answer in report["answers"]:
         assert abs(sum(answer.values()) - 1) < 1e-5
+
+
+def test_operator_tools_load_without_the_lab() -> None:
+    """``grad2 tune``, ``target``, ``gate``/``keygen`` and ``verify`` import no lab code
+    until a lab path is asked for (a simulated thief, the demo's pools, a URL suspect)."""
+    probe = ("import sys, grad2.tools.tune, grad2.tools.target_files, grad2.tools.gate_files, "
+             "grad2.tools.ownership, grad2.tools.images; "
+             "print(sorted(m for m in sys.modules if m.startswith('grad2.lab')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -23,8 +23,8 @@ import torch
 from grad2.config import ConfigError
 from grad2.defenses import takes
 from grad2.lab.families import QUICK_EPSILONS, SHORT_EPSILONS
-from grad2.lab.train import CLONE_EPOCHS, padding_fill, predict_probs, train_clone
-from grad2.models import model_spec
+from grad2.lab.train import CLONE_EPOCHS, padding_fill, train_clone
+from grad2.models import model_spec, predict_probs
 from grad2.serve import clean_probabilities, normalise, open_archive
 from grad2.tools.images import open_images
 

@@ -46,14 +46,19 @@ from grad2.lab.families import L1_FAMILIES, LAB_DEFENSES, QUICK_EPSILONS, SWEEP_
 from grad2.lab.train import (
     CLONE_EPOCHS,
     augment_batch,
-    predict_probs,
     set_seed,
     set_threads,
     train_clone,
     train_surrogate,
     train_victim,
 )
-from grad2.models import SurrogateEnsemble, build_model, load_checkpoint, save_checkpoint
+from grad2.models import (
+    SurrogateEnsemble,
+    build_model,
+    load_checkpoint,
+    predict_probs,
+    save_checkpoint,
+)
 from grad2.tools.progress import progress_bar
 from grad2.tools.tune import EPSILON_GRID
 

@@ -49,14 +49,13 @@ from grad2.lab.evaluate import (
 )
 from grad2.lab.families import STUDY_DEFENSES
 from grad2.lab.train import (
-    predict_probs,
     set_seed,
     set_threads,
     train_clone,
     train_misinformation,
     train_surrogate,
 )
-from grad2.models import load_checkpoint, penultimate, save_checkpoint
+from grad2.models import load_checkpoint, penultimate, predict_probs, save_checkpoint
 from grad2.tools.ownership import permutation_test
 from grad2.tools.progress import progress_bar
 

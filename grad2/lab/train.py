@@ -39,7 +39,13 @@ from grad2.lab.data import (
     to_tensor,
     victim_train_split,
 )
-from grad2.models import build_model, load_checkpoint, model_spec, save_checkpoint
+from grad2.models import (
+    build_model,
+    load_checkpoint,
+    model_spec,
+    predict_probs,
+    save_checkpoint,
+)
 from grad2.tools.progress import progress_bar
 
 VICTIM_ARCH = "small_cnn"
@@ -105,27 +111,6 @@ def augment_batch(
 
 
 # --------------------------------------------------------------------------- inference
-
-
-def _batches(count: int, batch_size: int) -> range:
-    return range(0, count, batch_size)
-
-
-def predict_probs(
-    model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, device: str = "cpu"
-) -> torch.Tensor:
-    """Softmax outputs ``[N, K]`` (float32, CPU) for ``inputs [N, C, H, W]``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in _batches(len(inputs), batch_size):
-            logits = model(inputs[start:start + batch_size].to(device))
-            outputs.append(logits.float().softmax(dim=1).cpu())
-    model.train(was_training)
-    if not outputs:
-        raise ValueError("no inputs")
-    return torch.cat(outputs)
 
 
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 1024,

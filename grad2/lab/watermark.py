@@ -474,7 +474,8 @@ def evaluate_watermark(
     """
     from grad2.lab.data import cache_dir, thief_pool
     from grad2.lab.evaluate import Lab, apply_defense
-    from grad2.lab.train import CLONE_EPOCHS, predict_probs, train_clone
+    from grad2.lab.train import CLONE_EPOCHS, train_clone
+    from grad2.models import predict_probs
 
     lab = Lab(cache_dir() / "eval", progress=progress)
     surrogate = (lab.surrogate(pool) if surrogate_epochs is None

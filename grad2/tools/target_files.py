@@ -26,9 +26,7 @@ from grad2 import targets
 from grad2.balance import balance_target
 from grad2.config import InputConfig
 from grad2.defenses import GRAD2
-from grad2.lab.data import THIEF_POOLS, thief_pool, to_tensor
-from grad2.lab.train import predict_probs
-from grad2.models import load_checkpoint
+from grad2.models import load_checkpoint, predict_probs
 
 
 def _target_command(args: argparse.Namespace) -> int:
@@ -56,6 +54,8 @@ def _reference_images(args: argparse.Namespace, spec: InputConfig | None) -> tor
         images = open_images(args.images, spec)
         inputs = [x for x, _, _ in images.batches(batch_size=256, progress=False)]
         return torch.cat(inputs)[: args.references]
+    from grad2.lab.data import thief_pool, to_tensor  # the demo's pools: the lab extra
+
     return to_tensor(thief_pool(args.pool, size=args.references, seed=args.seed).images)
 
 
@@ -103,8 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--surrogate", type=Path,
                         help="surrogate checkpoint (default with --archive: the archive's)")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--pool", default="animal", choices=THIEF_POOLS,
-                        help="without --images: the lab pool used as reference images")
+    parser.add_argument("--pool", default="animal",
+                        help="without --images: the lab pool used as reference images "
+                        "(grad2.lab.data.THIEF_POOLS; the demo's model only, lab extra)")
     parser.add_argument("--references", type=int, default=2000)
     parser.add_argument("--shift", type=int, default=1, help="misdirect: k -> k + shift")
     parser.add_argument("--seed", type=int, default=99)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from grad2.config import ConfigError
 from grad2.defenses import Defense, takes
-from grad2.lab.train import predict_probs, set_threads, train_clone
+from grad2.models import predict_probs
 from grad2.serve import ServedModel
 from grad2.tools.progress import progress_bar
 
@@ -283,7 +283,7 @@ def _simulated_thief(served: ServedModel, pool: Path | None, budget: int, epochs
     """``defense -> clone accuracy``: a thief distils a clone of the victim's architecture
     from the defended answers to ``budget`` images of ``pool`` (default: the lab's
     Animal-MNIST), scored on the validation images."""
-    from grad2.lab.train import padding_fill
+    from grad2.lab.train import padding_fill, train_clone
     from grad2.models import model_spec
     from grad2.serve import normalise
 
@@ -314,7 +314,8 @@ def _simulated_thief(served: ServedModel, pool: Path | None, budget: int, epochs
 
 
 def _tune_command(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     archive, points, chosen = tune_archive(
         Path(args.archive), args.max_accuracy_drop, Path(args.export_path), Path(args.out),
         epsilons=args.epsilons, version=args.next_version, validation=args.validation,
