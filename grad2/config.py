@@ -222,8 +222,8 @@ class DefenseConfig:
                               f"{method} are {', '.join(sorted({*COMMON_KEYS, *own}))}")
         params = {name: param.validate(raw.get(name, param.default))
                   for name, param in own.items()}
-        common = {name: COMMON_KEYS[name].validate(raw.get(name, COMMON_KEYS[name].default))
-                  for name in ("surrogate", "on_failure", "output", "topk")}
+        common = {name: param.validate(raw.get(name, param.default))
+                  for name, param in COMMON_KEYS.items() if name != "method"}
         if spec.needs_surrogate and common["surrogate"] is None:
             raise ConfigError(f"{section}.surrogate",
                               f"method {method} needs a surrogate state_dict file")
@@ -233,7 +233,7 @@ class DefenseConfig:
     @property
     def files(self) -> dict[str, str]:
         """``key -> file name`` of the method's files the loader reads (keys set, with a
-    reader)."""
+        reader)."""
         return {param.name: self.params[param.name] for param in self.defense.params
                 if param.read is not None and self.params[param.name] is not None}
 
