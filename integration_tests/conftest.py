@@ -11,7 +11,7 @@ Served models (all share one victim and one surrogate, both ``small_cnn``):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -85,14 +85,15 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str,
     return store
 
 
-def stop_and_check_gone(server: TorchServeServer) -> None:
-    """Stop ``server`` and check its Java process and workers have all exited."""
+def stop_and_check_gone(server: Any, stop: Callable[[Path], list[int]] = stop_server) -> None:
+    """Stop ``server`` (a TorchServe, or with ``stop_kserve`` a KServe model server) and
+    check its processes (frontend and workers) have all exited."""
     pids = [process.pid for process in server.processes()]
-    stopped = stop_server(server.workdir)
+    stopped = stop(server.workdir)
     assert set(pids) <= set(stopped)
     alive = [pid for pid in pids if psutil.pid_exists(pid)
              and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"TorchServe processes still running: {alive}"
+    assert not alive, f"{type(server).__name__} processes still running: {alive}"
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import requests
 import torch
@@ -168,12 +167,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, staged, store
                 entry["answers"] = entry["v1"][1]["predictions"]
         yield server, answers
     finally:
-        pids = [process.pid for process in server.processes()]
-        stopped = stop_kserve(server.workdir)
-        assert set(pids) <= set(stopped)
-        alive = [pid for pid in pids if psutil.pid_exists(pid)
-                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"KServe processes still running: {alive}"
+        stop_and_check_gone(server, stop_kserve)
 
 
 @pytest.fixture(scope="module")
