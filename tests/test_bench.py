@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from grad2 import cli
@@ -102,20 +103,74 @@ def test_quick_defaults_and_argument_checks():
 
 
 def test_bench_serve_goals_per_variant_and_case() -> None:
-    """Each defended variant is judged against plain at the issue's concurrency levels."""
+    """Each defended model is judged against plain at issue 24's concurrency levels, gated
+    GRAD² against plain GRAD² at every level, each worker's RSS against its surrogate."""
     from grad2.lab.bench_serve import goals
 
-    def level(concurrency: int, throughput: float, p99: float, rss: float) -> dict:
-        memory = {"memory_at_end": {"rss_mb": rss}}
+    def level(concurrency: int, throughput: float, p99: float, cost: float) -> dict:
+        memory = {"memory_after_warmup": {"rss_mb": 1100.0}}
         return {"concurrency": concurrency,
-                "ratios": {"resnet18": {"throughput": throughput, "p99": p99, "p50": 1.0}},
-                "plain": {"memory_at_end": {"rss_mb": 1000.0}}, "resnet18": memory}
+                "ratios": {"grad2_gated-resnet18": {"throughput": throughput, "p99": p99},
+                           "torchserve_floor": {"throughput": 3.0, "p99": 0.2}},
+                "gated_over_grad2": {"resnet18": {"cost": cost}},
+                "plain": {"memory_at_end": {"rss_mb": 1000.0}, **memory},
+                "grad2_gated-resnet18": {"memory_at_end": {"rss_mb": 1000.0 + cost * 80},
+                                         **memory}}
 
-    rows = goals([level(1, 0.9, 1.6, 1100.0), level(16, 0.81, 2.0, 1090.0)], "imagenet",
-                 {"resnet18": 44.6})
+    variants = {"plain": {"surrogate": None},
+                "grad2_gated-resnet18": {"surrogate": "resnet18"}}
+    rows = goals([level(1, 0.95, 1.25, 1.05), level(16, 0.89, 2.0, 1.2)], "imagenet",
+                 variants, {"resnet18": 44.6})
     verdicts = {row["goal"]: row["met"] for row in rows}
     assert verdicts == {
-        "resnet18 throughput >= 0.8x plain at concurrency 16": True,
-        "resnet18 p99 <= 1.5x plain at concurrency 1": False,
-        "resnet18 worker RSS - plain <= surrogate weights (44.60 MB) + 50 MB": False,
+        "grad2_gated-resnet18 throughput >= 0.9x plain at concurrency 16": False,
+        "grad2_gated-resnet18 p99 <= 1.2x plain at concurrency 1": False,
+        "grad2_gated / grad2 time per answer (resnet18) <= 1.1x at concurrency 1": True,
+        "grad2_gated / grad2 time per answer (resnet18) <= 1.1x at concurrency 16": False,
+        # the larger growth of the two levels: 1.2 x 80 = 96 MB > 44.6 + 50
+        "grad2_gated-resnet18 worker RSS - plain <= surrogate weights (44.60 MB) + 50 MB":
+            False,
     }
+
+
+def test_bench_serve_plans_every_served_defense_from_its_shipped_example() -> None:
+    from grad2.defenses import DEFENSES, parse_config
+    from grad2.lab.bench_serve import example_defense, parse_overrides, plan_variants
+
+    variants = plan_variants(list(DEFENSES), ["resnet18", "mobilenet"],
+                             parse_overrides(["epsilon=0.3"]))
+    names = [v.name for v in variants]
+    assert names[0] == "plain" and len(names) == len(set(names))
+    assert {v.method for v in variants} == set(DEFENSES)
+    for variant in variants:
+        section = variant.defense
+        assert parse_config(section).method == variant.method  # a valid section
+        assert section.get("epsilon", 0.3) == 0.3 or variant.name == "plain"
+        if DEFENSES[variant.method].needs_surrogate:
+            assert variant.name == f"{variant.method}-{variant.surrogate}"
+        else:
+            assert (variant.name, variant.surrogate) in {(variant.method, None), ("plain", None)}
+    assert example_defense("grad2_gated")["gate_score"] == "features"
+    small = plan_variants(["grad2", "grad2_gated"], ["small_cnn"])
+    assert [v.name for v in small] == ["plain", "grad2", "grad2_gated"]
+    with pytest.raises(ValueError, match="no benched method takes it"):
+        plan_variants(["top1"], ["small_cnn"], {"epsilon": 0.3})
+    with pytest.raises(ValueError, match="unknown defense"):
+        plan_variants(["grad3"], ["small_cnn"])
+
+
+def test_bench_serve_gate_has_a_mean_per_class_and_flags_one_percent() -> None:
+    from grad2.gate import check_feature_gate, feature_score, gate_weight
+    from grad2.lab.bench_serve import bench_gate
+    from grad2.models import build_model, penultimate
+
+    torch.manual_seed(0)
+    surrogate = build_model("small_cnn", 10, 1).eval()
+    x = torch.randn(200, 1, 28, 28)
+    tensors, threshold, slope = bench_gate(surrogate, x, 10)
+    check_feature_gate(tensors, penultimate(surrogate, x[:1]).shape[1])
+    assert tensors["means"].shape[0] == 10
+    flagged = (feature_score(penultimate(surrogate, x), tensors) < threshold).float().mean()
+    assert flagged <= 0.02 and slope > 0
+    assert gate_weight(feature_score(penultimate(surrogate, x), tensors), threshold,
+                       slope).median() < 0.5
