@@ -11,9 +11,12 @@ item (``victim``, ``victim+grad2``, ``victim+grad2_gated``) runs at batch 1, 32 
 (``--batches``); on CUDA it is timed with CUDA events around each call, elsewhere with
 ``time.perf_counter``; items of a case run in interleaved rounds and are summarised by
 medians, and a ratio is the median over rounds of (item / victim) in the same round. The
-networks are untrained (their cost does not depend on their weights); the gate is fitted on
-seeded random features. Writes a JSON table and prints it; an item that fails records its
-error instead of stopping the run.
+networks are untrained (their cost does not depend on their weights); both defenses are
+the shipped examples' ``defense:`` sections (``grad2``; the recommended ``grad2_gated``
+with a feature gate staged as ``grad2 bench-serve`` stages it). Writes a JSON table (with
+the peak CUDA memory of each item and issue 24's GPU goal: victim + ``grad2_gated`` <= 1.3x
+the victim at batch 32) and prints it; an item that fails records its error instead of
+stopping the run.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from grad2 import gate
-from grad2.defenses import GRAD2, GatedGRAD2
-from grad2.models import build_model, penultimate
+from grad2.defenses import build_defense
+from grad2.lab.bench_serve import bench_gate, example_defense
+from grad2.models import build_model
 
 #: name -> (victim arch, surrogate arch, channels, side, classes)
 CASES: dict[str, tuple[str, str, int, int, int]] = {
@@ -40,6 +45,8 @@ CASES: dict[str, tuple[str, str, int, int, int]] = {
     "resnet50+mobilenet_v3_small": ("torchvision:resnet50", "torchvision:mobilenet_v3_small",
                                     3, 224, 1000),
 }
+#: Issue 24's GPU goal: victim + recommended defense / victim at this batch, at most this.
+GOAL_BATCH, GOAL_RATIO = 32, 1.3
 
 
 class Timer:
@@ -63,20 +70,23 @@ class Timer:
 
 def build_items(case: str, device: torch.device) -> tuple[dict[str, Callable[[Tensor], object]],
                                                            tuple[int, int, int]]:
-    """The timed items of ``case`` (``x -> answers``) and its input shape ``(C, H, W)``."""
+    """The timed items of ``case`` (``x -> answers``) and its input shape ``(C, H, W)``.
+    Both defenses are built by :func:`grad2.defenses.build_defense` from the shipped
+    examples' ``defense:`` sections (``grad2`` and the recommended ``grad2_gated``), the
+    gate as ``grad2 bench-serve`` stages it (a mean per class, 1% of images flagged)."""
     victim_arch, surrogate_arch, channels, side, classes = CASES[case]
     torch.manual_seed(0)
-    victim = build_model(victim_arch, classes, channels).eval().to(device)
-    surrogate = build_model(surrogate_arch, classes, channels).eval().to(device)
-    reference = torch.randn(64, channels, side, side, device=device)
-    features = penultimate(surrogate, reference)
-    gate_tensors = {name: tensor.to(device) for name, tensor in gate.fit_feature_gate(
-        features.cpu(), torch.arange(64) % min(classes, 8), classes).items()}
-    threshold = float(gate.feature_score(features, gate_tensors).median())
-    plain = GRAD2(surrogate, 0.5)
-    gated = GatedGRAD2(surrogate, 0.2, 2.0, threshold, 1.0, "permute",
-                       gate.keyed_mapping(b"k" * 32, classes).to(device),
-                       gate_tensors=gate_tensors)
+    victim = build_model(victim_arch, classes, channels).eval()
+    surrogate = build_model(surrogate_arch, classes, channels).eval()
+    reference = torch.randn(64, channels, side, side)
+    gate_tensors, threshold, slope = bench_gate(surrogate, reference, classes)
+    victim, surrogate = victim.to(device), surrogate.to(device)
+    plain = build_defense(example_defense("grad2"), surrogate)
+    section = example_defense("grad2_gated") | {"gate_threshold": threshold,
+                                                  "gate_slope": slope}
+    gated = build_defense(section, surrogate, {
+        "mapping_key": b"k" * 32,
+        "gate_file": {name: tensor.to(device) for name, tensor in gate_tensors.items()}})
 
     def clean(x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -99,16 +109,22 @@ def run_case(case: str, device: torch.device, batches: list[int], warmup: int,
     for batch in batches:
         x = torch.randn(batch, *shape, device=device)
         times: dict[str, list[float]] = {name: [] for name in items}
+        peak_mb: dict[str, float] = dict.fromkeys(items, 0.0)
         errors: dict[str, str] = {}
         for round_index in range(warmup + rounds):
             for name, item in items.items():
                 if name in errors:
                     continue
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 try:
                     elapsed = timer(lambda item=item, x=x: item(x))
                 except Exception as error:  # recorded: the rest of the table still runs
                     errors[name] = f"{type(error).__name__}: {error}"
                     continue
+                if device.type == "cuda":
+                    peak_mb[name] = max(peak_mb[name],
+                                        torch.cuda.max_memory_allocated(device) / 2**20)
                 if round_index >= warmup:
                     times[name].append(elapsed)
         row: dict[str, dict] = {}
@@ -117,6 +133,8 @@ def run_case(case: str, device: torch.device, batches: list[int], warmup: int,
                 row[name] = {"error": errors[name]}
                 continue
             entry = {"median_ms": statistics.median(values)}
+            if device.type == "cuda":
+                entry["peak_allocated_mb"] = round(peak_mb[name], 1)
             if name != "victim" and "victim" not in errors:
                 entry["ratio"] = statistics.median(
                     value / base for value, base in zip(values, times["victim"], strict=True))
@@ -128,6 +146,29 @@ def run_case(case: str, device: torch.device, batches: list[int], warmup: int,
             + (f" [{entry['error'][:60]}]" if "error" in entry else "")
             for name, entry in row.items()), flush=True)
     return table
+
+
+def goals(cases: dict[str, dict]) -> list[dict]:
+    """Issue 24's GPU goal per case: victim + ``grad2_gated`` / victim at batch
+    :data:`GOAL_BATCH` <= :data:`GOAL_RATIO` (``None``: not measured)."""
+    rows = []
+    for case, table in cases.items():
+        entry = table.get(str(GOAL_BATCH), {}).get("victim+grad2_gated", {})
+        ratio = entry.get("ratio")
+        rows.append({"goal": f"{case}: victim + grad2_gated <= {GOAL_RATIO}x victim at batch "
+                     f"{GOAL_BATCH}", "measured": ratio,
+                     "met": None if ratio is None else ratio <= GOAL_RATIO})
+    return rows
+
+
+def commit() -> str | None:
+    """The checkout's short commit, if this runs from one."""
+    try:
+        return subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True,
+                              text=True, check=True, timeout=30,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def main() -> None:
@@ -147,15 +188,23 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; pass --device cpu for a dry run")
     torch.backends.cudnn.benchmark = False
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the serving default (input.threads: 1)
+    cases = {case: run_case(case, device, args.batches, args.warmup, args.rounds)
+             for case in args.cases}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "timer": "cuda events" if device.type == "cuda"
-        else "perf_counter", "warmup": args.warmup, "rounds": args.rounds,
-        "cases": {case: run_case(case, device, args.batches, args.warmup, args.rounds)
-                  for case in args.cases},
+        "torch": torch.__version__, "commit": commit(),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+        "warmup": args.warmup, "rounds": args.rounds, "cases": cases, "goals": goals(cases),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    for row in result["goals"]:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[row["met"]]
+        print(f"{row['goal']}: {row['measured']} ({verdict})")
     print(f"wrote {args.out}")
 
 
