@@ -119,10 +119,14 @@ def fold_batch_norm(model: nn.Module) -> FoldedNetwork | None:
                 or len(node.args) != 1 or node.kwargs or not norm.track_running_stats
                 or norm.running_mean is None or norm.running_var is None):
             continue
+        # The folded convolution's own tensors are never read (its values come from
+        # folded_inputs): it shares the original weight, and only its bias is new.
         biased = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size,
                             conv.stride, conv.padding, conv.dilation, conv.groups, True,
-                            conv.padding_mode, device=conv.weight.device,
-                            dtype=conv.weight.dtype)
+                            conv.padding_mode, device="meta", dtype=conv.weight.dtype)
+        biased.weight = conv.weight
+        biased.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
+                                               device=conv.weight.device))
         parent, _, name = source.target.rpartition(".")
         # fx gives the traced copy its own containers, so this leaves ``model`` unchanged.
         setattr(module.get_submodule(parent) if parent else module, name, biased)
@@ -145,15 +149,18 @@ def folded_inputs(
     buffers: Mapping[str, Tensor],
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """``(params, tangents, buffers)`` of ``folded.module`` from the original network's
-    (all keyed like ``named_parameters()`` / ``named_buffers()``).
+    (all keyed like ``named_parameters()`` / ``named_buffers()``). A parameter without a
+    tangent has no direction; a folded one has none when none of its sources has.
 
     The folded values are reused while every tensor they come from is the same memory at
     the same version (an in-place update bumps it), so a served network pays the fold once.
     """
     owned = folded.replaced
-    sources = ([params[n] for n in owned] + [tangents[n] for n in owned]
+    sources = ([params[n] for n in owned] + [tangents[n] for n in owned if n in tangents]
                + [buffers[n] for n in folded.statistics])
     key = _versions(sources)
+    if key is not None:
+        key = (key, frozenset(n for n in owned if n in tangents))
     if key is not None and folded.cache.get("key") == key:
         folded_params, folded_tangents = folded.cache["values"]
     else:
@@ -182,33 +189,37 @@ def _fold(
     tangents: Mapping[str, Tensor],
     buffers: Mapping[str, Tensor],
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The folded convolutions' ``(params, tangents)``."""
+    """The folded convolutions' ``(params, tangents)`` (a tangent only where one of its
+    sources has one; a missing source tangent counts as zero)."""
     folded_params: dict[str, Tensor] = {}
     folded_tangents: dict[str, Tensor] = {}
     for pair in folded.pairs:
-        weight, weight_t = params[f"{pair.conv}.weight"], tangents[f"{pair.conv}.weight"]
+        weight, weight_t = params[f"{pair.conv}.weight"], tangents.get(f"{pair.conv}.weight")
         mean = buffers[f"{pair.norm}.running_mean"]
         inv_std = torch.rsqrt(buffers[f"{pair.norm}.running_var"] + pair.eps)
+        gamma_t = beta_t = None
         if pair.affine:
-            gamma, gamma_t = params[f"{pair.norm}.weight"], tangents[f"{pair.norm}.weight"]
-            beta, beta_t = params[f"{pair.norm}.bias"], tangents[f"{pair.norm}.bias"]
-            scale, scale_t = gamma * inv_std, gamma_t * inv_std
+            gamma, gamma_t = params[f"{pair.norm}.weight"], tangents.get(f"{pair.norm}.weight")
+            beta, beta_t = params[f"{pair.norm}.bias"], tangents.get(f"{pair.norm}.bias")
+            scale = gamma * inv_std
         else:
-            scale = inv_std
-            scale_t = beta = beta_t = torch.zeros_like(inv_std)
-        if pair.conv_bias:
-            bias, bias_t = params[f"{pair.conv}.bias"], tangents[f"{pair.conv}.bias"]
-            centred = bias - mean
-        else:
-            centred, bias_t = -mean, None
+            scale, beta = inv_std, torch.zeros_like(inv_std)
+        bias_t = tangents.get(f"{pair.conv}.bias") if pair.conv_bias else None
+        centred = params[f"{pair.conv}.bias"] - mean if pair.conv_bias else -mean
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        folded_params[f"{pair.conv}.weight"] = _layout_of(weight, weight * scale.view(shape))
-        folded_tangents[f"{pair.conv}.weight"] = _layout_of(
+        name = f"{pair.conv}"
+        folded_params[f"{name}.weight"] = _layout_of(weight, weight * scale.view(shape))
+        folded_params[f"{name}.bias"] = centred * scale + beta
+        if weight_t is None and gamma_t is None and beta_t is None and bias_t is None:
+            continue  # no direction reaches this convolution: it runs as a plain one
+        zero = torch.zeros_like(inv_std)
+        scale_t = zero if gamma_t is None else gamma_t * inv_std
+        weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
+        folded_tangents[f"{name}.weight"] = _layout_of(
             weight, weight_t * scale.view(shape) + weight * scale_t.view(shape))
-        folded_params[f"{pair.conv}.bias"] = centred * scale + beta
-        folded_bias_t = centred * scale_t + beta_t
-        folded_tangents[f"{pair.conv}.bias"] = (folded_bias_t if bias_t is None
-                                                else bias_t * scale + folded_bias_t)
+        folded_bias_t = centred * scale_t + (zero if beta_t is None else beta_t)
+        folded_tangents[f"{name}.bias"] = (folded_bias_t if bias_t is None
+                                           else bias_t * scale + folded_bias_t)
     return folded_params, folded_tangents
 
 

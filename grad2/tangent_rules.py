@@ -55,31 +55,58 @@ class TangentProgram:
     #: Per step, the nodes it reads last: their values are let go after it, so a call
     #: holds no more activations than a plain forward pass does.
     releases: tuple[tuple[fx.Node, ...], ...]
-    #: Lone-query plans found so far, by input (shape, dtype, device, strides).
+    #: Lone-query plans found so far, by input (shape, dtype, device, strides), the
+    #: parameters with a tangent and the node kept.
     lone_plans: dict[tuple, frozenset[fx.Node] | None] = field(default_factory=dict)
+    #: The input node of each module name asked for by :meth:`input_of`.
+    inputs_of: dict[str, fx.Node | None] = field(default_factory=dict)
 
     def matches(self, network: nn.Module) -> bool:
         """Does ``network`` still hold the submodules it was compiled with?"""
         return holds_leaves(network, self.leaves)
+
+    def input_of(self, module_name: str) -> fx.Node | None:
+        """The node whose value is the (first) input of the last call of submodule
+        ``module_name`` (``None`` when the network never calls it or its input is no
+        node)."""
+        if module_name not in self.inputs_of:
+            calls = [node for node, _ in self.steps
+                     if node.op == "call_module" and node.target == module_name]
+            source = calls[-1].args[0] if calls and calls[-1].args else None
+            self.inputs_of[module_name] = source if isinstance(source, fx.Node) else None
+        return self.inputs_of[module_name]
 
     def __call__(self, params: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
                  buffers: Mapping[str, Tensor], x: Tensor, paired: Collection[fx.Node] = ()
                  ) -> tuple[Tensor, Tensor | None]:
         """``(logits, logits_tangent)`` of the network at ``x`` with parameters ``params``
         moved along ``tangents`` (all keyed like ``named_parameters()``/``named_buffers()``
-        of the traced module). The nodes in ``paired`` run on their batch-carrying inputs
-        stacked twice and keep the first half (see :meth:`lone_plan`)."""
+        of the traced module; a parameter without a tangent has no direction, and layers
+        that no direction reaches run as plain forward). The nodes in ``paired`` run on
+        their batch-carrying inputs stacked twice and keep the first half (see
+        :meth:`lone_plan`)."""
+        logits, logits_tangent, _ = self.run(params, tangents, buffers, x, paired)
+        return logits, logits_tangent
+
+    def run(self, params: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
+            buffers: Mapping[str, Tensor], x: Tensor, paired: Collection[fx.Node] = (),
+            keep: fx.Node | None = None) -> tuple[Tensor, Tensor | None, object]:
+        """:meth:`__call__` and the primal value of node ``keep`` (``None`` without one),
+        e.g. the features the last linear layer reads, from the same pass."""
         context = RuleContext(params, tangents, buffers)
         values: dict[fx.Node, Dual] = {}
         batched: set[fx.Node] = set()
+        kept = None
         with torch.no_grad():
             for (node, rule), released in zip(self.steps, self.releases, strict=True):
                 if node.op == "placeholder":
                     values[node] = Dual(x)
                     batched.add(node)
+                    if node is keep:
+                        kept = x
                     continue
                 if node.op == "output":
-                    return split_arg(lookup(values, node.args[0]))
+                    return (*split_arg(lookup(values, node.args[0])), kept)
                 # Which values carry the batch matters only to paired nodes: not tracked
                 # on the serving path of a batch (no pairs).
                 if paired and any(read in batched for read in node.all_input_nodes):
@@ -90,17 +117,19 @@ class TangentProgram:
                     args = lookup(values, node.args)
                     kwargs = lookup(values, node.kwargs)
                     values[node] = Dual(*rule(context, node, args, kwargs))
+                if node is keep:
+                    kept = values[node].value
                 for done in released:
                     del values[done]
         raise RuntimeError("traced network has no output")  # pragma: no cover
 
     def lone_plan(self, params: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
-                  buffers: Mapping[str, Tensor], example: Tensor, trials: int = 3
-                  ) -> frozenset[fx.Node] | None:
-        """The nodes a lone query (batch 1) must run as a pair so that its logits and their
-        tangent have the bits the query gets as a pair with itself, on inputs like
-        ``example`` (``[1, ...]``: same shape, dtype and layout); ``None`` when no plan
-        reproduces them (then the whole query runs as a pair).
+                  buffers: Mapping[str, Tensor], example: Tensor, trials: int = 3,
+                  keep: fx.Node | None = None) -> frozenset[fx.Node] | None:
+        """The nodes a lone query (batch 1) must run as a pair so that its logits, their
+        tangent and the value of node ``keep`` have the bits the query gets as a pair with
+        itself, on inputs like ``example`` (``[1, ...]``: same shape, dtype and layout);
+        ``None`` when no plan reproduces them (then the whole query runs as a pair).
 
         CPU kernels may take another path at batch 1 (oneDNN convolutions of small images,
         MKL's matrix-vector product for a linear layer, the scalar tail of a vectorised
@@ -122,9 +151,10 @@ class TangentProgram:
             plan = frozenset(paired)
             for _ in range(trials):
                 x = draw()
-                alone = self(params, tangents, buffers, x, plan)
-                pair = self(params, tangents, buffers, torch.cat([x, x]))
-                if not all(_same(a, b[:1]) for a, b in zip(alone, pair, strict=True)):
+                alone = self.run(params, tangents, buffers, x, plan, keep)
+                pair = self.run(params, tangents, buffers, torch.cat([x, x]), (), keep)
+                if not all(_same(a, b if b is None else b[:1])
+                           for a, b in zip(alone, pair, strict=True)):
                     return None
         except (RuntimeError, ValueError, IndexError, TypeError):
             return None  # e.g. a shape computed from the batch size: no plan, a pair

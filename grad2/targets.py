@@ -18,14 +18,55 @@ from grad2.models import last_linear
 from grad2.scores import Target, eval_mode, redirection_scores
 
 __all__ = [
-    "all_ones", "centre_scores", "check", "load", "min_ip", "misdirect", "random", "save",
-    "shift_scores", "watermark",
+    "all_ones", "centre_scores", "check", "layer_groups", "load", "min_ip", "misdirect",
+    "random", "restrict", "save", "shift_scores", "watermark",
 ]
 
 
 def all_ones(model: nn.Module) -> dict[str, Tensor]:
-    """``t = 1`` over every parameter, batch-norm affine terms included (GRAD²'s default)."""
-    return {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    """``t = 1`` over every parameter, batch-norm affine terms included (GRAD²'s default).
+
+    Each tensor is one value expanded to the parameter's shape (stride 0, no memory per
+    element: read-only; ``.clone()`` gives a writable copy)."""
+    return {name: torch.ones((), dtype=p.dtype, device=p.device).expand(p.shape)
+            for name, p in model.named_parameters()}
+
+
+#: Modules that belong to the weight layer before them in :func:`layer_groups`.
+NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """``model``'s parameterised layers in module order, each as the names of its
+    parameters: a module holding parameters of its own (a convolution, a linear layer...)
+    starts a layer; a normalisation (batch, layer, group norm) joins the layer before it."""
+    known = dict(model.named_parameters())  # a shared parameter counts once, first
+    groups: list[list[str]] = []
+    for prefix, module in model.named_modules():
+        names = [full for name, _ in module.named_parameters(recurse=False)
+                 if (full := f"{prefix}.{name}" if prefix else name) in known]
+        if not names:
+            continue
+        if isinstance(module, NORMALISATIONS) and groups:
+            groups[-1].extend(names)
+        else:
+            groups.append(names)
+    return groups
+
+
+def restrict(target: Target, model: nn.Module, layers: int) -> dict[str, Tensor]:
+    """``target`` on the parameters of ``model``'s last ``layers`` layers only
+    (:func:`layer_groups`; ``0``: all of them); the others get no direction, so the scores
+    engine runs those layers as a plain forward pass. Raises ``ValueError`` when
+    ``layers`` is negative or beyond the layer count."""
+    groups = layer_groups(model)
+    if not 0 <= layers <= len(groups):
+        raise ValueError(f"the surrogate has {len(groups)} parameterised layers; "
+                         f"got {layers} (0 means all)")
+    if layers == 0:
+        return dict(target)
+    kept = {name for group in groups[-layers:] for name in group}
+    return {name: tensor for name, tensor in target.items() if name in kept}
 
 
 def random(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:
@@ -186,7 +227,9 @@ def save(target: Target, path: str | PathLike) -> Path:
     """Write ``target`` as a plain tensor dict (loadable with ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({name: t.detach().cpu() for name, t in target.items()}, path)
+    # An expanded constant (all_ones) is written out whole: a file holds plain tensors.
+    torch.save({name: t.detach().cpu().contiguous() if any(st == 0 for st in t.stride())
+                else t.detach().cpu() for name, t in target.items()}, path)
     return path
 
 

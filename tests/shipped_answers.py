@@ -3,7 +3,9 @@ way the worker computes them (archive files unpacked, :func:`load_served_model`,
 plans, clean probabilities, defense).
 
 ``python tests/shipped_answers.py`` writes ``tests/data/shipped_answers.pt``: the inputs,
-each config's ``defense:`` section and its answers. ``test_shipped_answers.py`` recomputes
+each config's ``defense:`` section and its answers (``python tests/shipped_answers.py
+NAME...`` recomputes those entries only and keeps every other one as stored: a deliberate
+change of some answers). ``test_shipped_answers.py`` recomputes
 them with the code of the day and compares bit for bit, so a refactor that changes an
 answer fails. Networks, keys, gate and target files are seeded, not trained.
 """
@@ -110,12 +112,19 @@ def main() -> None:
     import tempfile
 
     configs = {name: served_config(config) for name, config in shipped_configs().items()}
+    only = sys.argv[1:]
+    if only:
+        stored = torch.load(STORED, weights_only=False)
+        configs = {**stored["configs"], **{name: configs[name] for name in only}}
+        redo = {name: configs[name] for name in only}
+    else:
+        stored, redo = {"answers": {}}, configs
     with tempfile.TemporaryDirectory() as workdir:
-        result = compute(configs, Path(workdir))
+        result = {**stored["answers"], **compute(redo, Path(workdir))}
     STORED.parent.mkdir(exist_ok=True)
     torch.save({"pixels": inputs(), "configs": configs, "answers": result,
                 "torch": torch.__version__}, STORED)
-    print(f"wrote {STORED}: {', '.join(result)}", file=sys.stderr)
+    print(f"wrote {STORED}: {', '.join(redo)} computed", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from grad2 import gate
 from grad2.config import ConfigError, choice, number, packed_file
 from grad2.defenses.base import GATE_SLOPE, GATE_THRESHOLD, check_epsilon, check_gate
 from grad2.defenses.grad2 import GRAD2
-from grad2.models import last_linear, penultimate
+from grad2.models import last_linear
 from grad2.redirect import solve_answers
-from grad2.scores import Target
+from grad2.scores import Target, penultimate_features, scores_and_features
 
 #: How the budget of out-of-distribution queries is spent.
 OOD_ANSWERS = ("permute", "redirect")
@@ -91,8 +91,10 @@ class GatedGRAD2(GRAD2):
         score_method: str = "jvp",
         preserve_top1: bool = False,
         gate_tensors: Mapping[str, Tensor] | None = None,
+        target_layers: int = 0,
     ) -> None:
-        super().__init__(surrogate, epsilon, target, score_method, preserve_top1)
+        super().__init__(surrogate, epsilon, target, score_method, preserve_top1,
+                         target_layers)
         self.epsilon_ood = check_epsilon(epsilon_ood)
         self.threshold, self.slope = check_gate(threshold, slope, gate_tensors is None)
         if gate_tensors is not None:
@@ -144,38 +146,58 @@ class GatedGRAD2(GRAD2):
                 raise ConfigError("defense.mapping_key", "ood_answer permute needs a key file")
             mapping = gate.keyed_mapping(key, _output_size(surrogate))
         gate_tensors = files.get("gate_file")
+        cls.check_target_layers(params, surrogate)
         try:
             return cls(surrogate, params["epsilon"], params["epsilon_ood"],
                        params["gate_threshold"], params["gate_slope"], params["ood_answer"],
                        mapping, target, params["scores"], params["preserve_top1"],
-                       gate_tensors)
+                       gate_tensors, params["target_layers"])
         except ValueError as error:
             raise ConfigError("defense.gate_file" if gate_tensors is not None
                               else "defense.ood_answer", str(error)) from error
 
     def gate_scores(self, x: Tensor, probs: Tensor) -> Tensor:
-        """``[B]`` in-distribution scores ``s(x)`` (low = likely OOD)."""
+        """``[B]`` in-distribution scores ``s(x)`` (low = likely OOD); the feature gate
+        reads the surrogate's features by a pass of their own, with the bits
+        :meth:`scores_and_gate` gets from the scores' pass."""
         if self.gate_tensors is None:
             return gate.max_softmax(probs)
-        features = penultimate(self.surrogate, x)
+        return self._feature_score(penultimate_features(self.surrogate, x), probs)
+
+    def scores_and_gate(self, x: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """``([B, K] scores, [B] gate scores)``: with a feature gate, one surrogate pass
+        gives both (the JVP's primal computes the features,
+        :func:`grad2.scores.scores_and_features`)."""
+        if self.gate_tensors is None:
+            return self.scores(x, probs), gate.max_softmax(probs)
+        scores, features = scores_and_features(self.surrogate, x, self.target,
+                                               self.score_method)
+        return self.checked(scores, probs), self._feature_score(features, probs)
+
+    def _feature_score(self, features: Tensor, probs: Tensor) -> Tensor:
         return gate.feature_score(features, self.gate_tensors).to(probs.dtype)
 
     def gate_weights(self, x: Tensor, probs: Tensor) -> Tensor:
         """``[B]`` gate ``α(x)`` in ``[0, 1]`` (1: treated as OOD)."""
-        weight = gate.gate_weight(self.gate_scores(x, probs), self.threshold, self.slope)
-        return weight.to(probs.dtype)
+        return self._weights(self.gate_scores(x, probs), probs)
+
+    def _weights(self, gate_scores: Tensor, probs: Tensor) -> Tensor:
+        return gate.gate_weight(gate_scores, self.threshold, self.slope).to(probs.dtype)
 
     def budgets(self, x: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
         """``([B], [B])``: each query's redirection budget and its OOD budget."""
-        weight = self.gate_weights(x, probs)
+        return self._split(self.gate_weights(x, probs))
+
+    def _split(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         return self.epsilon * (1 - weight), self.epsilon_ood * weight
 
     def network_rows(self, x: Tensor, probs: Tensor) -> Tensor:
-        return torch.cat([self.scores(x, probs), self.gate_scores(x, probs).unsqueeze(1)], 1)
+        scores, gate_scores = self.scores_and_gate(x, probs)
+        return torch.cat([scores, gate_scores.unsqueeze(1)], 1)
 
     def defend(self, x: Tensor, probs: Tensor) -> Tensor:
-        inside, outside = self.budgets(x, probs)
-        scores = self.scores(x, probs)
+        scores, gate_scores = self.scores_and_gate(x, probs)
+        inside, outside = self._split(self._weights(gate_scores, probs))
         if self.ood_answer == "redirect":
             return solve_answers(probs, scores, (inside + outside).clamp(0, 2),
                                  self.preserve_top1)

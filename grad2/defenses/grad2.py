@@ -10,10 +10,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from grad2 import targets
-from grad2.config import ConfigError, choice, packed_file
+from grad2.config import ConfigError, choice, integer, packed_file
 from grad2.defenses.base import EPSILON, PRESERVE_TOP1, SEED, Redirection
 from grad2.scores import METHODS as SCORE_METHODS
-from grad2.scores import Target, redirection_scores, tangent_like
+from grad2.scores import Target, nonzero_directions, redirection_scores, tangent_like
 
 #: Served targets: the paper's coordinated direction, a seeded random one, or a tensor
 #: file packed in the archive (``grad2 target`` writes one).
@@ -36,6 +36,9 @@ class GRAD2(Redirection):
             ``surrogate.named_parameters()`` (random, misdirection, from a file).
         score_method: one of :data:`grad2.scores.METHODS`.
         preserve_top1: never flip the clean top-1 label.
+        target_layers: keep the target on the surrogate's last ``target_layers``
+            parameterised layers only (:func:`grad2.targets.restrict`; 0: all): the
+            layers before run as a plain forward pass, so scores cost less.
     """
 
     method = "grad2"
@@ -49,6 +52,10 @@ class GRAD2(Redirection):
         SEED,
         choice("scores", "jvp", SCORE_METHODS, "how c = G t is computed"),
         PRESERVE_TOP1,
+        integer("target_layers", 0, 0, 1_000_000,
+                "the target only on the surrogate's last N parameterised layers (a "
+                "convolution or linear layer with its normalisation), 0: all; the layers "
+                "before run as a plain forward pass"),
     )
 
     def __init__(
@@ -58,6 +65,7 @@ class GRAD2(Redirection):
         target: str | Target = "all_ones",
         score_method: str = "jvp",
         preserve_top1: bool = False,
+        target_layers: int = 0,
     ) -> None:
         super().__init__(epsilon, preserve_top1)
         if not isinstance(surrogate, nn.Module):
@@ -65,13 +73,18 @@ class GRAD2(Redirection):
         self.surrogate = surrogate.eval()
         self.score_method = score_method
         if isinstance(target, str) and target == "all_ones":
-            self.target_name, self.target = "all_ones", targets.all_ones(surrogate)
+            self.target_name, direction = "all_ones", targets.all_ones(surrogate)
         elif isinstance(target, Mapping):
             targets.check(target, surrogate)
             params = dict(surrogate.named_parameters())
-            self.target_name, self.target = "tensor", tangent_like(params, target)
+            self.target_name, direction = "tensor", tangent_like(params, target)
         else:
             raise ValueError(f"target must be 'all_ones' or a tensor dict, got {target!r}")
+        self.target_layers = int(target_layers)
+        # Parameters without a direction carry no tangent: the layers before the first
+        # one that has a direction run as a plain forward pass.
+        self.target = nonzero_directions(
+            targets.restrict(direction, surrogate, self.target_layers))
         if score_method not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score_method!r}; "
                              f"known: {', '.join(SCORE_METHODS)}")
@@ -83,6 +96,16 @@ class GRAD2(Redirection):
                                                      "the archive")
         if params["target"] != "file" and params["target_file"] is not None:
             raise ConfigError("defense.target_file", "only used with target: file; remove it")
+
+    @staticmethod
+    def check_target_layers(params: Mapping[str, Any], surrogate: nn.Module) -> None:
+        """Refuse a ``target_layers`` beyond the surrogate's parameterised layers
+        (:class:`ConfigError` naming ``target_layers``)."""
+        count = len(targets.layer_groups(surrogate))
+        if params["target_layers"] > count:
+            raise ConfigError("defense.target_layers",
+                              f"the surrogate has {count} parameterised layers; got "
+                              f"{params['target_layers']} (0 means all)")
 
     @staticmethod
     def config_target(params: Mapping[str, Any], surrogate: nn.Module,
@@ -106,14 +129,20 @@ class GRAD2(Redirection):
     @classmethod
     def from_config(cls, params, surrogate, files) -> GRAD2:
         target = cls.config_target(params, surrogate, files)
+        cls.check_target_layers(params, surrogate)
         try:
             return cls(surrogate, params["epsilon"], target, params["scores"],
-                       params["preserve_top1"])
+                       params["preserve_top1"], params["target_layers"])
         except ValueError as error:
             raise ConfigError("defense.target_file", str(error)) from error
 
     def scores(self, x: Tensor, probs: Tensor) -> Tensor:
-        scores = redirection_scores(self.surrogate, x, self.target, self.score_method)
+        return self.checked(redirection_scores(self.surrogate, x, self.target,
+                                               self.score_method), probs)
+
+    @staticmethod
+    def checked(scores: Tensor, probs: Tensor) -> Tensor:
+        """``scores`` in ``probs``' dtype; ``ValueError`` when their class counts differ."""
         if scores.shape != probs.shape:
             raise ValueError(
                 f"surrogate gives {scores.shape[-1]} classes, the victim {probs.shape[-1]}"
