@@ -33,6 +33,7 @@ def test_bench_serve_times_plain_grad2_gated_and_the_floor(tmp_path: Path) -> No
             assert 0 < measured["p50_ms"] <= measured["p99_ms"]
             for memory in (measured["memory_after_warmup"], measured["memory_at_end"]):
                 assert memory["workers"] == 1 and 0 < memory["uss_mb"] <= memory["rss_mb"]
+                assert memory["batch_size"] == level["concurrency"]  # as served
         assert set(level["ratios"]) == set(models[1:])
         assert all(ratio["throughput"] > 0 for ratio in level["ratios"].values())
         (gated,) = level["gated_over_grad2"].values()

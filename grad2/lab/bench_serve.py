@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,7 @@ from grad2.defenses import DEFENSES, parse_config, takes
 from grad2.lab.attack import encode_png
 from grad2.models import build_model, load_checkpoint, penultimate, save_checkpoint
 from grad2.serve import Ports, TorchServeServer, build_archive, start_server, stop_server
+from grad2.serve.archive import read_manifest
 from grad2.serve.templates import template_path
 from grad2.tools.gate_files import SLOPE_SPREADS
 from grad2.tools.progress import progress_bar
@@ -309,6 +311,24 @@ def build_store(folder: Path, victim: Path, staged: Mapping[str, tuple[dict, dic
     return store
 
 
+def rebatched_store(store: Path, batch_size: int) -> Path:
+    """A copy of every ``.mar`` in ``store`` whose model config says ``batchSize``
+    ``batch_size``, nothing else changed (cheaper than packing a large victim again)."""
+    destination = store.parent / f"store_b{batch_size}"
+    destination.mkdir(exist_ok=True)
+    for archive in sorted(store.glob("*.mar")):
+        config_name = read_manifest(archive)["model"]["configFile"]
+        with (zipfile.ZipFile(archive) as source,
+              zipfile.ZipFile(destination / archive.name, "w") as copy):
+            for item in source.infolist():
+                data = source.read(item)
+                if item.filename == config_name:
+                    raw = yaml.safe_load(data) | {"batchSize": batch_size}
+                    data = yaml.safe_dump(raw).encode()
+                copy.writestr(item, data)
+    return destination
+
+
 def burst(url: str, token: str, images: Sequence[bytes], total: int, concurrency: int,
           timeout: float = 600.0) -> tuple[float, float, dict[int, int], list[float]]:
     """Send ``total`` requests from ``concurrency`` threads; return wall seconds, client CPU
@@ -340,7 +360,8 @@ def burst(url: str, token: str, images: Sequence[bytes], total: int, concurrency
 
 
 def worker_memory_mb(server: TorchServeServer, model: str) -> dict[str, float]:
-    """RSS and USS (MB) of ``model``'s worker processes."""
+    """RSS and USS (MB) of ``model``'s worker processes, and the ``batchSize`` TorchServe
+    reports for it."""
     import psutil
 
     response = requests.get(f"{server.management_url}/models/{model}",
@@ -354,7 +375,8 @@ def worker_memory_mb(server: TorchServeServer, model: str) -> dict[str, float]:
     for pid in pids:
         info = psutil.Process(pid).memory_full_info()
         rss, uss = rss + info.rss / 2**20, uss + info.uss / 2**20
-    return {"rss_mb": round(rss, 1), "uss_mb": round(uss, 1), "workers": len(pids)}
+    return {"rss_mb": round(rss, 1), "uss_mb": round(uss, 1), "workers": len(pids),
+            "batch_size": response.json()[0].get("batchSize")}
 
 
 def measure_level(folder: Path, store: Path, models: Sequence[str], concurrency: int,
@@ -642,10 +664,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             models = [v.name for v in variants] + ([FLOOR] if args.floor else [])
             requests_per_round = args.requests or case["requests"]
             levels = []
+            first = build_store(folder, victim, staged, surrogates, variants,
+                                args.concurrency[0], case, not args.batched_victim,
+                                args.memory_format, args.floor, not args.no_progress)
             for concurrency in args.concurrency:
-                store = build_store(folder, victim, staged, surrogates, variants, concurrency,
-                                    case, not args.batched_victim, args.memory_format,
-                                    args.floor, not args.no_progress)
+                store = (first if concurrency == args.concurrency[0]
+                         else rebatched_store(first, concurrency))
                 warmup = args.warmup or max(2 * concurrency, case["warmup"])
                 timed, warm, end, _ = measure_level(
                     folder, store, models, concurrency, images, requests_per_round,
