@@ -176,13 +176,25 @@ def check_feature_gate(gate_tensors: object, feature_size: int | None = None) ->
         raise ValueError("feature gate has non-finite values")
 
 
-def feature_score(features: Tensor, gate_tensors: dict[str, Tensor]) -> Tensor:
+def feature_score(features: Tensor, gate_tensors: dict[str, Tensor],
+                  class_terms: Tensor | None = None) -> Tensor:
     """``[B]`` in-distribution score: minus the smallest Mahalanobis distance of
-    ``features [B, D]`` to a class mean (low = likely OOD)."""
+    ``features [B, D]`` to a class mean (low = likely OOD). ``class_terms``: the gate's
+    :func:`mean_terms`, computed once (the bits this computes when it is ``None``)."""
     means = gate_tensors["means"].to(features)
     precision = gate_tensors["precision"].to(features)
     projected = features @ precision  # [B, D]
+    if class_terms is None:
+        class_terms = mean_terms(gate_tensors, features.dtype)
     # (f − μ)ᵀ P (f − μ) = fᵀPf − 2 fᵀPμ + μᵀPμ for every class at once.
     distances = ((projected * features).sum(1, keepdim=True) - 2 * projected @ means.T
-                 + ((means @ precision) * means).sum(1))
+                 + class_terms.to(features))
     return -distances.min(dim=1).values
+
+
+def mean_terms(gate_tensors: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[K]``: ``μᵀPμ`` of each class mean of a feature gate (what every
+    :func:`feature_score` call adds), in ``dtype``."""
+    means = gate_tensors["means"].to(dtype)
+    precision = gate_tensors["precision"].to(dtype)
+    return ((means @ precision) * means).sum(1)

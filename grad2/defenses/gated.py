@@ -101,6 +101,8 @@ class GatedGRAD2(GRAD2):
             gate_tensors = dict(gate_tensors)
             gate.check_feature_gate(gate_tensors, last_linear(surrogate)[1].in_features)
         self.gate_tensors = gate_tensors
+        #: The gate's per-class constants, computed once (not per query).
+        self.gate_terms = None if gate_tensors is None else gate.mean_terms(gate_tensors)
         if ood_answer not in OOD_ANSWERS:
             raise ValueError(f"ood_answer must be one of {', '.join(OOD_ANSWERS)}, "
                              f"got {ood_answer!r}")
@@ -175,7 +177,7 @@ class GatedGRAD2(GRAD2):
         return self.checked(scores, probs), self._feature_score(features, probs)
 
     def _feature_score(self, features: Tensor, probs: Tensor) -> Tensor:
-        return gate.feature_score(features, self.gate_tensors).to(probs.dtype)
+        return gate.feature_score(features, self.gate_tensors, self.gate_terms).to(probs.dtype)
 
     def gate_weights(self, x: Tensor, probs: Tensor) -> Tensor:
         """``[B]`` gate ``α(x)`` in ``[0, 1]`` (1: treated as OOD)."""
