@@ -1,13 +1,25 @@
 """How much the secret mapping's draw changes grad2_gated's effect: the study's defender
-(cached in GRAD2_CACHE/eval) with KEYS keys, soft and labels-only clones on 4,000
-Animal-MNIST queries, seed 0. Prints one row per key and the spread.
+(cached in GRAD2_CACHE/eval), soft and labels-only clones on 4,000 Animal-MNIST queries.
 
-    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py plain --keys 8
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py selected --keys 8
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py floor --seeds 0 1 2
+
+``plain``: keys ``SHA-256("key spread i")`` (the plain draw), ``selected``: keys drawn by
+``grad2 keygen``'s selection (:func:`grad2.tools.keys.select_key`) against the study's
+victim on defender-chosen images, from a seeded key source; ``floor``: one key over
+several clone seeds (the clone-seed noise). Every clone's accuracy is cached in
+GRAD2_CACHE/eval/key_spread.json with the defender-side criteria of its mapping, so reruns
+only add what is missing; ``--table`` prints the cached rows as markdown.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,41 +27,135 @@ import torch
 from grad2 import gate
 from grad2.defenses import GatedGRAD2
 from grad2.lab import ood
-from grad2.lab.data import FASHION_CLASSES, cache_dir
+from grad2.lab.data import cache_dir, to_tensor
 from grad2.lab.evaluate import Lab, apply_defense
+from grad2.tools import keys
 from grad2.tools.progress import progress_bar
 
-KEYS = 8
+#: The clone kinds measured per key: name -> hard_labels.
+CLONES = {"soft": False, "labels": True}
+#: The defender's own in-distribution images the criterion reads (of its 10,000 fit images).
+OWN_IMAGES = 2000
+
+
+def plain_key(index: int) -> bytes:
+    """The ``index``-th plain key of this study (SHA-256 of a label)."""
+    return hashlib.sha256(f"key spread {index}".encode()).digest()
+
+
+def seeded_source(seed: int):
+    """A reproducible stand-in for :func:`gate.new_key` (hex keys from a seeded stream)."""
+    counter = iter(range(1 << 62))
+    return lambda: hashlib.sha256(f"keygen source {seed} {next(counter)}".encode()).hexdigest()
+
+
+def defender_images(defender: ood.Defender) -> torch.Tensor:
+    """The defender-chosen OOD images the criterion reads (transformed training images)."""
+    return to_tensor(ood.verification_pixels(defender.train.images))
+
+
+class Measure:
+    """Clone accuracies per (mapping, clone kind, seed), cached in a JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lab = Lab(cache_dir() / "eval", progress=False)
+        self.defender = ood.Defender(self.lab, progress=False, names=("grad2_gated_permute",))
+        self.inputs, self.clean, _ = self.defender.answers("none", ood.MAIN_POOL)
+        self.rows: dict = json.loads(path.read_text()) if path.exists() else {}
+        self._scorer: keys.MappingScorer | None = None
+
+    @property
+    def scorer(self) -> keys.MappingScorer:
+        if self._scorer is None:
+            own = to_tensor(self.defender.fit_images.images[:OWN_IMAGES])
+            self._scorer = keys.MappingScorer.fit(self.lab.victim,
+                                                  defender_images(self.defender), own,
+                                                  self.gate_weights)
+        return self._scorer
+
+    def save(self, name: str, cell: str, value: float) -> None:
+        """Add one accuracy to the cache file (re-read first: runs may share it)."""
+        rows = json.loads(self.path.read_text()) if self.path.exists() else {}
+        rows.setdefault(name, {})[cell] = value
+        self.rows = {**rows, **{k: {**rows.get(k, {}), **v} for k, v in self.rows.items()}}
+        self.path.write_text(json.dumps(self.rows, indent=1))
+
+    def gate_weights(self, x: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the calibrated feature gate's ``α`` of the study's defense."""
+        return gate.gate_weight(self.defender.gate_scores(x),
+                                self.defender.knobs["grad2_gated_permute"],
+                                self.defender.feature_slope)
+
+    def answers(self, mapping: torch.Tensor | None) -> torch.Tensor:
+        if mapping is None:
+            return self.clean
+        defense = GatedGRAD2(self.defender.surrogate, ood.GATED_EPSILON,
+                             ood.GATED_EPSILON_OOD, self.defender.knobs["grad2_gated_permute"],
+                             self.defender.feature_slope, "permute", mapping,
+                             gate_tensors=self.defender.feature_gate)
+        return apply_defense(defense, self.inputs, self.clean, progress=False)
+
+    def accuracy(self, mapping: torch.Tensor | None, clone: str, seed: int) -> float:
+        """``clone``'s Fashion-MNIST test accuracy (%) against ``mapping`` (None:
+        undefended), cached."""
+        name = "none" if mapping is None else "".join(map(str, mapping.tolist()))
+        row = self.rows.setdefault(name, {})
+        cell = f"{clone}-{seed}"
+        if cell not in row:
+            answers = self.answers(mapping)
+            model, _ = ood.fit_clone(self.inputs, answers, seed=seed, hard_labels=CLONES[clone])
+            row[cell] = round(100 * ood.clone_accuracy(model, self.lab)[0], 2)
+            self.save(name, cell, row[cell])
+        return row[cell]
+
+
+def summary(values: list[float]) -> str:
+    array = np.array(values)
+    return (f"mean {array.mean():.1f}, min {array.min():.1f}, max {array.max():.1f}, "
+            f"spread {array.max() - array.min():.1f}")
+
+
+def run(args: argparse.Namespace) -> None:
+    measure = Measure(cache_dir() / "eval" / "key_spread.json")
+    if args.what == "plain":
+        mappings = [gate.keyed_mapping(plain_key(i), 10) for i in range(args.keys)]
+    elif args.what == "selected":
+        source = seeded_source(args.source_seed)
+        mappings = [gate.keyed_mapping(keys.select_key(measure.scorer, source)[0], 10)
+                    for _ in range(args.keys)]
+    else:
+        mappings = [gate.keyed_mapping(plain_key(args.floor_key), 10)]
+    jobs = [(mapping, clone, seed) for mapping in [None, *mappings]
+            for clone in args.clones for seed in args.seeds]
+    results = {}
+    for mapping, clone, seed in progress_bar(jobs, desc=args.what, unit="clone"):
+        name = "none" if mapping is None else "".join(map(str, mapping.tolist()))
+        results.setdefault(clone, {}).setdefault(name, []).append(
+            measure.accuracy(mapping, clone, seed))
+    for clone, by_mapping in results.items():
+        undefended = np.mean(by_mapping.pop("none"))
+        print(f"{args.what} {clone} (undefended {undefended:.1f}):")
+        for name, values in by_mapping.items():
+            criteria = measure.scorer.criteria(torch.tensor([int(c) for c in name]))
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in criteria.items())
+            print(f"  σ={name}: {', '.join(f'{v:.1f}' for v in values)} | {shown}")
+        means = [float(np.mean(v)) for v in by_mapping.values()]
+        print(f"  {summary(means)}; effect mean {undefended - np.mean(means):.1f}")
 
 
 def main() -> None:
-    lab = Lab(cache_dir() / "eval", progress=False)
-    defender = ood.Defender(lab, progress=False, names=("grad2_gated_permute",))
-    inputs, clean, _ = defender.answers("none", ood.MAIN_POOL)
-    rows = []
-    for index in progress_bar(range(KEYS), desc="keys"):
-        key = hashlib.sha256(f"key spread {index}".encode()).digest()
-        mapping = gate.keyed_mapping(key, 10)
-        defense = GatedGRAD2(defender.surrogate, ood.GATED_EPSILON, ood.GATED_EPSILON_OOD,
-                             defender.knobs["grad2_gated_permute"], defender.feature_slope,
-                             "permute", mapping, gate_tensors=defender.feature_gate)
-        answers = apply_defense(defense, inputs, clean, progress=False)
-        accuracies = []
-        for hard in (False, True):
-            clone, _ = ood.fit_clone(inputs, answers, seed=0, hard_labels=hard)
-            accuracies.append(ood.clone_accuracy(clone, lab)[0])
-        top = np.bincount(clean.argmax(1).numpy(), minlength=10).argsort()[::-1][:3]
-        sent = ", ".join(f"{FASHION_CLASSES[k]}→{FASHION_CLASSES[mapping[k]]}" for k in top)
-        rows.append((index, *accuracies, sent))
-    print("key | soft clone % | labels-only clone % | the pool's three commonest classes go to")
-    for index, soft, labels, sent in rows:
-        print(f"{index} | {100 * soft:.1f} | {100 * labels:.1f} | {sent}")
-    soft = np.array([r[1] for r in rows]) * 100
-    labels = np.array([r[2] for r in rows]) * 100
-    print(f"soft: mean {soft.mean():.1f}, min {soft.min():.1f}, max {soft.max():.1f}; "
-          f"labels: mean {labels.mean():.1f}, min {labels.min():.1f}, max {labels.max():.1f}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("plain", "selected", "floor"))
+    parser.add_argument("--keys", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--clones", nargs="+", default=list(CLONES), choices=list(CLONES))
+    parser.add_argument("--source-seed", type=int, default=0)
+    parser.add_argument("--floor-key", type=int, default=0)
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
     main()

@@ -7,6 +7,12 @@ images; an unlabelled folder is labelled by the victim), and calibrates the thre
 ``--validation`` (in-distribution images the fit never saw) so that ``--flag-share`` of
 them count as OOD. It prints the ``defense:`` keys to set; pack the file with
 ``grad2 archive --gate-file gate.pt``. Never fit or calibrate on a thief's queries.
+
+``grad2 keygen --out K --archive A.mar --images OOD_DIR --validation VAL_DIR`` writes a
+secret mapping key whose class mapping passes :mod:`grad2.tools.keys`'s criterion on the
+defender's own images (OOD images it chooses, such as transformed training images, and
+in-distribution ones); without ``--archive`` it draws a plain key and warns that the
+effect then depends on the draw.
 """
 
 from __future__ import annotations
@@ -82,11 +88,50 @@ def _gate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def selected_key(archive: Path, images: Path, validation: Path,
+                 progress: bool = True) -> tuple[bytes, dict]:
+    """A fresh secret key whose mapping passes :func:`grad2.tools.keys.select_key` for the
+    archive's victim on ``images`` (defender-chosen OOD images) and ``validation`` (its
+    in-distribution images), with what the selection found."""
+    from grad2.serve import open_archive
+    from grad2.tools import keys
+    from grad2.tools.images import open_images
+
+    with open_archive(archive) as opened:
+        served = opened.load()
+
+        def pixels(folder: Path) -> torch.Tensor:
+            parts = [x for x, _, _ in open_images(folder, served.input_config).batches(
+                256, progress=progress, desc=folder.name)]
+            if not parts:
+                raise ValueError(f"{folder}: no decodable images")
+            return torch.cat(parts)
+
+        gate_weights = getattr(served.defense, "gate_weights", None)
+        scorer = keys.MappingScorer.fit(served.victim, pixels(images), pixels(validation),
+                                        gate_weights)
+    return keys.select_key(scorer)
+
+
 def _keygen_command(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; a new key changes the mapping (and what "
                               "verify tests): pass --force to replace it")
-    path = gate.write_key(args.out)
+    given = [args.archive, args.images, args.validation]
+    if any(given) and not all(given):
+        raise ValueError("keygen's criterion needs --archive, --images and --validation "
+                         "together")
+    if args.archive is None:
+        from grad2.tools import keys
+
+        keys.plain_key_warning()
+        key = None
+    else:
+        raw, found = selected_key(args.archive, args.images, args.validation)
+        key = raw.hex()
+        print(f"the mapping passed the criterion after {found['draws']} draws (simulated "
+              f"thief {found['score']:.3f} <= {found['threshold']:.3f})")
+    path = gate.write_key(args.out, key)
     print(f"wrote {path} (mode 600): pack it with grad2 archive --mapping-key {path} and "
           f"defense: {{mapping_key: {path.name}}}; keep a copy: verify needs it")
     return 0
@@ -112,4 +157,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "keygen", help="write a secret key for the class mapping (defense.mapping_key)")
     keygen.add_argument("--out", type=Path, required=True)
     keygen.add_argument("--force", action="store_true")
+    keygen.add_argument("--archive", type=Path,
+                        help="the model version the key is for (.mar): draw only keys whose "
+                        "mapping passes the criterion on its victim")
+    keygen.add_argument("--images", type=Path,
+                        help="defender-chosen OOD images (for example rotated or inverted "
+                        "training images; never a thief's queries)")
+    keygen.add_argument("--validation", type=Path,
+                        help="the defender's in-distribution images")
     keygen.set_defaults(func=_keygen_command)
