@@ -149,3 +149,11 @@ def test_target_layers_load_through_the_served_loader(name: str, tmp_path: Path)
     reference = redirection_scores(served.surrogate, x, zeroed_outside(
         dense, served.defense.target), "double_backward")
     torch.testing.assert_close(scores, reference.to(scores.dtype), rtol=1e-4, atol=1e-5)
+
+
+def test_release_free_memory_trims_on_glibc_and_is_a_no_op_elsewhere():
+    import platform
+
+    from grad2.serve.loader import release_free_memory
+
+    assert release_free_memory() is (platform.libc_ver()[0] == "glibc")

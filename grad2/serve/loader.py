@@ -4,6 +4,7 @@ sizes that keep every row independent of its batch-mates."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class ServedModel:
         probs = self.probabilities(x)
         with torch.enable_grad():
             defense_sizes = self.defense.plan_batches(x, probs, max_batch)
+        release_free_memory()  # the probes' and lone plans' activations
         return {"victim": self.victim_batch_sizes, "defense": defense_sizes,
                 "victim_lone": self.victim_lone_plan,
                 "defense_lone": getattr(self.defense, "lone", False)}
@@ -149,6 +151,7 @@ def load_served_model(
              for key, name in defense_config.files.items()}
     defense = build_defense(defense_config, surrogate=surrogate, files=files)
     class_names = read_class_names(model_dir / INDEX_TO_NAME_FILE, num_classes)
+    release_free_memory()  # what unpickling and building freed
     return ServedModel(
         victim=victim,
         defense=defense,
@@ -158,6 +161,20 @@ def load_served_model(
         surrogate=surrogate,
         batch_invariant=handler_config.batch_invariant,
     )
+
+
+def release_free_memory() -> bool:
+    """Hand the memory the process has freed back to the system (glibc's
+    ``malloc_trim(0)``; docs/performance.md, "Issue 24": a ResNet-18 surrogate's lone
+    plan leaves ~100 MB freed but held). Returns whether it ran (not on other C
+    libraries)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc's name; others: no trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def clean_probabilities(
