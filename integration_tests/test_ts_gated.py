@@ -147,13 +147,14 @@ def test_verify_accuses_a_follower_of_the_mapping_and_not_the_undefended_model(g
     server, folder, images = gated
     token = server.tokens().inference
     archive = folder / "store" / f"{MODEL}-2.0.mar"
+    # 120 images: verify's default of 100 moved images would refuse most draws here.
     follower = verify_suspect(archive, f"{server.inference_url}/predictions/{MODEL}",
-                              images["animal"], token=token, progress=False)
+                              images["animal"], token=token, progress=False, min_moved=20)
     # A random-init victim puts nearly every image in one or two top classes, and a random
     # mapping agrees with sigma on one class with chance 1/9: that bounds the p-value here
     # (a trained victim spreads OOD images over many classes; docs/results.md).
     assert follower.informative >= 20 and follower.follows_receiver > 0.9
     assert follower.p_value < 0.05
     honest = verify_suspect(archive, f"{server.inference_url}/predictions/{MODEL}_none",
-                            images["animal"], token=token, progress=False)
+                            images["animal"], token=token, progress=False, min_moved=20)
     assert honest.p_value > 0.05 and honest.follows_receiver < 0.2

@@ -93,7 +93,10 @@ def test_a_model_that_follows_the_receivers_is_accused() -> None:
     assert verdict.p_model < 1e-6 and verdict.p_reference < 1e-3 and verdict.p_value < 1e-3
     assert verdict.informative == M and verdict.follows_receiver > verdict.null_mean
     assert verdict.random_mapping_p == pytest.approx(1 / 2001)
-    assert "p = " in verdict.summary() and f"{M} of {M}" in verdict.summary()
+    assert "follows this archive's answers" in verdict.summary()
+    assert f"{M} of {M}" in verdict.summary()
+    alone = ownership_test(suspect, moved, None, K, draws=0)
+    assert not alone.calibrated and "no verdict" in alone.summary()
 
 
 def test_models_that_draw_from_the_victims_probabilities_are_not_accused() -> None:

@@ -29,8 +29,9 @@ takes the larger (a test that is valid when either null model holds):
   probabilities when there are some. ``p_model = P(S' ≥ S)`` for ``S'`` Poisson-binomial
   (independent Bernoulli ``q_i``): exact for a model that draws its answers from those
   probabilities. It ignores that one model's mistakes are correlated across images (a
-  model that confuses two classes does so on many images), so alone it accuses more real
-  innocents than its level says (docs/results.md).
+  model that confuses two classes does so on many images), so alone it accuses real
+  innocents far more often than its level says (docs/results.md): without reference models
+  ``verify`` prints the figures and no verdict.
 - ``p_reference`` (with ``--reference``): ``R`` models the defender trained itself, none of
   which saw the archive's answers (models trained on its own labelled training data with
   other seeds and subsets: ``grad2 train-victim --seed N``; distilled copies of the
@@ -115,28 +116,36 @@ class Verdict:
     reference_mean: float | None  # the references' mean share
     reference_sd: float | None
     p_reference: float | None
-    p_value: float  # the verdict: max(p_model, p_reference)
+    p_value: float  # max(p_model, p_reference); p_model alone without references
     random_mapping_p: float | None  # not calibrated for a fixed key (module docstring)
     draws: int
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether :attr:`p_value` holds for innocent models that share the victim's
+        confusions (it does with reference models; ``p_model`` alone does not)."""
+        return self.p_reference is not None
+
     def summary(self, alpha: float = 1e-3) -> str:
-        verdict = "follows this archive's answers" if self.p_value < alpha else (
-            "no evidence it follows this archive's answers")
         lines = [f"moved images: {self.informative} of {self.images} ({self.rule})",
                  f"suspect puts {100 * self.follows_receiver:.1f}% of them in their receiving "
-                 f"class; the victim's probabilities expect {100 * self.null_mean:.1f}% "
+                 f"class; the probabilities expect {100 * self.null_mean:.1f}% "
                  f"(p_model = {self.p_model:.2g})"]
         if self.p_reference is not None:
             lines.append(f"{self.references} reference models: {100 * self.reference_mean:.1f}"
                          f"% +- {100 * self.reference_sd:.1f} (p_reference = "
                          f"{self.p_reference:.2g})")
-        else:
-            lines.append("no reference models: p_model alone does not allow for models that "
-                         "share the victim's confusions more than its probabilities say; "
-                         "pass --reference (docs/watermark.md)")
         if self.random_mapping_p is not None:
             lines.append(f"random-mapping permutation p = {self.random_mapping_p:.2g} over "
                          f"{self.draws} draws (valid over the key's draw only, not the verdict)")
+        if not self.calibrated:
+            lines.append(f"p = {self.p_value:.2g}: no verdict without reference models (p_model "
+                         "is exact only for a model that draws its answers from the victim's "
+                         "probabilities; real innocent models share confusions more); pass "
+                         f">= {MIN_REFERENCES} --reference checkpoints")
+            return "\n".join(lines)
+        verdict = "follows this archive's answers" if self.p_value < alpha else (
+            "no evidence it follows this archive's answers")
         lines.append(f"p = {self.p_value:.2g} -> {verdict} (alpha {alpha:g})")
         return "\n".join(lines)
 
