@@ -60,6 +60,7 @@ import yaml
 from grad2 import gate
 from grad2.config import COMMON_KEYS, MEMORY_FORMATS
 from grad2.defenses import DEFENSES, parse_config, takes
+from grad2.defenses.base import GATE_SLOPE
 from grad2.lab.attack import encode_png
 from grad2.models import build_model, load_checkpoint, penultimate, save_checkpoint
 from grad2.serve import Ports, TorchServeServer, build_archive, start_server, stop_server
@@ -207,7 +208,8 @@ def bench_gate(surrogate: torch.nn.Module, x: torch.Tensor, classes: int,
     """A feature gate of the shapes ``grad2 gate`` writes (a mean for every class ``[K,
     D]``, a precision ``[D, D]``) for ``surrogate``: fitted on two noisy copies per class of
     the features of ``x [N, C, H, W]``, its threshold calibrated so that
-    :data:`GATE_FLAG_SHARE` of ``x`` is flagged, its slope ``grad2 gate``'s. Returns
+    :data:`GATE_FLAG_SHARE` of ``x`` is flagged, its slope ``grad2 gate``'s (within the
+    range a config accepts). Returns
     ``(tensors, threshold, slope)``."""
     features = penultimate(surrogate, x)
     generator = torch.Generator().manual_seed(seed)
@@ -218,8 +220,10 @@ def bench_gate(surrogate: torch.nn.Module, x: torch.Tensor, classes: int,
     tensors = gate.fit_feature_gate(fitted, rows % classes, classes)
     scores = gate.feature_score(features, tensors)
     threshold = gate.calibrate_threshold(scores, GATE_FLAG_SHARE)
-    slope = SLOPE_SPREADS / scores.std().clamp_min(1e-12).item()
-    return tensors, threshold, slope
+    slope = SLOPE_SPREADS / scores.std().clamp_min(1e-30).item()
+    # A random network's features can be all alike (MobileNetV3-small's: about 1e-9):
+    # the slope stays in the range a config accepts.
+    return tensors, threshold, min(max(slope, GATE_SLOPE.low), GATE_SLOPE.high)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -254,7 +258,7 @@ def stage_files(folder: Path, variants: Sequence[Variant], surrogates: Mapping[s
                 elif key == "gate_file":
                     tensors, threshold, slope = bench_gate(surrogate, x, classes)
                     torch.save(tensors, path)
-                    keys = {"gate_threshold": round(threshold, 4),
+                    keys = {"gate_threshold": float(f"{threshold:.6g}"),
                             "gate_slope": float(f"{slope:.6g}")}
                 elif key == "target_file":
                     save_target(random_target(surrogate, 0), path)
