@@ -22,7 +22,7 @@ whenever one of the tensors it reads has been replaced or updated in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -156,22 +156,36 @@ def folded_inputs(
     the same version (an in-place update bumps it), so a served network pays the fold once.
     """
     owned = folded.replaced
-    sources = ([params[n] for n in owned] + [tangents[n] for n in owned if n in tangents]
-               + [buffers[n] for n in folded.statistics])
-    key = _versions(sources)
-    if key is not None:
-        key = (key, frozenset(n for n in owned if n in tangents))
-    if key is not None and folded.cache.get("key") == key:
-        folded_params, folded_tangents = folded.cache["values"]
-    else:
-        folded_params, folded_tangents = _fold(folded, params, tangents, buffers)
-        # The sources are kept with the key so that their memory cannot be reused meanwhile.
-        folded.cache.update(key=key, sources=sources, values=(folded_params, folded_tangents))
+    statistics = [buffers[n] for n in folded.statistics]
+    param_sources = [params[n] for n in owned] + statistics
+    folded_params = _reused(folded.cache, "params", param_sources,
+                            lambda: _fold_params(folded, params, buffers))
+    # One slot per set of parameters with a tangent: a primal-only pass (the gate's
+    # features) or another restriction of the target does not refold the others.
+    names = frozenset(n for n in owned if n in tangents)
+    folded_tangents = _reused(
+        folded.cache, ("tangents", names),
+        param_sources + [tangents[n] for n in sorted(names)],
+        lambda: _fold_tangents(folded, params, tangents, buffers)) if names else {}
     norms = tuple(f"{pair.norm}." for pair in folded.pairs)
     params = {n: v for n, v in params.items() if n not in owned} | folded_params
     tangents = {n: v for n, v in tangents.items() if n not in owned} | folded_tangents
     buffers = {n: v for n, v in buffers.items() if not n.startswith(norms)}
     return params, tangents, buffers
+
+
+def _reused(cache: dict, slot: object, sources: list[Tensor], fold: Callable[[], dict]
+            ) -> dict[str, Tensor]:
+    """``fold()``, or its value kept in ``cache[slot]`` while every tensor of
+    ``sources`` is the same memory at the same version."""
+    key = _versions(sources)
+    kept = cache.get(slot)
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[2]
+    values = fold()
+    # The sources are kept with the key so that their memory cannot be reused meanwhile.
+    cache[slot] = (key, sources, values)
+    return values
 
 
 def _versions(tensors: list[Tensor]) -> tuple | None:
@@ -183,44 +197,58 @@ def _versions(tensors: list[Tensor]) -> tuple | None:
         return None
 
 
-def _fold(
-    folded: FoldedNetwork,
-    params: Mapping[str, Tensor],
-    tangents: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The folded convolutions' ``(params, tangents)`` (a tangent only where one of its
-    sources has one; a missing source tangent counts as zero)."""
+def _scales(pair: FoldPair, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(inv_std, scale, beta, centred)`` of one pair: ``s = γ / sqrt(σ² + eps)``, the
+    batch-norm's shift and the convolution's centred bias ``b − μ``."""
+    mean = buffers[f"{pair.norm}.running_mean"]
+    inv_std = torch.rsqrt(buffers[f"{pair.norm}.running_var"] + pair.eps)
+    if pair.affine:
+        scale, beta = params[f"{pair.norm}.weight"] * inv_std, params[f"{pair.norm}.bias"]
+    else:
+        scale, beta = inv_std, torch.zeros_like(inv_std)
+    centred = params[f"{pair.conv}.bias"] - mean if pair.conv_bias else -mean
+    return inv_std, scale, beta, centred
+
+
+def _fold_params(folded: FoldedNetwork, params: Mapping[str, Tensor],
+                 buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The folded convolutions' parameters ``W' = W·s``, ``b' = (b − μ)·s + β``."""
     folded_params: dict[str, Tensor] = {}
+    for pair in folded.pairs:
+        weight = params[f"{pair.conv}.weight"]
+        _, scale, beta, centred = _scales(pair, params, buffers)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        folded_params[f"{pair.conv}.weight"] = _layout_of(weight, weight * scale.view(shape))
+        folded_params[f"{pair.conv}.bias"] = centred * scale + beta
+    return folded_params
+
+
+def _fold_tangents(folded: FoldedNetwork, params: Mapping[str, Tensor],
+                   tangents: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
+                   ) -> dict[str, Tensor]:
+    """The folded convolutions' tangents (only where one of its sources has one; a
+    missing source tangent counts as zero)."""
     folded_tangents: dict[str, Tensor] = {}
     for pair in folded.pairs:
-        weight, weight_t = params[f"{pair.conv}.weight"], tangents.get(f"{pair.conv}.weight")
-        mean = buffers[f"{pair.norm}.running_mean"]
-        inv_std = torch.rsqrt(buffers[f"{pair.norm}.running_var"] + pair.eps)
-        gamma_t = beta_t = None
-        if pair.affine:
-            gamma, gamma_t = params[f"{pair.norm}.weight"], tangents.get(f"{pair.norm}.weight")
-            beta, beta_t = params[f"{pair.norm}.bias"], tangents.get(f"{pair.norm}.bias")
-            scale = gamma * inv_std
-        else:
-            scale, beta = inv_std, torch.zeros_like(inv_std)
+        weight_t = tangents.get(f"{pair.conv}.weight")
+        gamma_t = tangents.get(f"{pair.norm}.weight") if pair.affine else None
+        beta_t = tangents.get(f"{pair.norm}.bias") if pair.affine else None
         bias_t = tangents.get(f"{pair.conv}.bias") if pair.conv_bias else None
-        centred = params[f"{pair.conv}.bias"] - mean if pair.conv_bias else -mean
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        name = f"{pair.conv}"
-        folded_params[f"{name}.weight"] = _layout_of(weight, weight * scale.view(shape))
-        folded_params[f"{name}.bias"] = centred * scale + beta
         if weight_t is None and gamma_t is None and beta_t is None and bias_t is None:
             continue  # no direction reaches this convolution: it runs as a plain one
+        weight = params[f"{pair.conv}.weight"]
+        inv_std, scale, _, centred = _scales(pair, params, buffers)
         zero = torch.zeros_like(inv_std)
         scale_t = zero if gamma_t is None else gamma_t * inv_std
         weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
-        folded_tangents[f"{name}.weight"] = _layout_of(
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        folded_tangents[f"{pair.conv}.weight"] = _layout_of(
             weight, weight_t * scale.view(shape) + weight * scale_t.view(shape))
         folded_bias_t = centred * scale_t + (zero if beta_t is None else beta_t)
-        folded_tangents[f"{name}.bias"] = (folded_bias_t if bias_t is None
-                                           else bias_t * scale + folded_bias_t)
-    return folded_params, folded_tangents
+        folded_tangents[f"{pair.conv}.bias"] = (folded_bias_t if bias_t is None
+                                                else bias_t * scale + folded_bias_t)
+    return folded_tangents
 
 
 def _layout_of(like: Tensor, tensor: Tensor) -> Tensor:

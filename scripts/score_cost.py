@@ -5,7 +5,7 @@ parameterised layers, of the full JVP and of a plain surrogate forward, in one r
 Run: ``MKL_CBWR=AUTO,STRICT .venv/bin/python scripts/score_cost.py [--repeats 5]``
 (one thread; small_cnn at 28 px, batch 1 and 16; torchvision resnet18 at 224 px, batch 1
 and 8; channels-last as served; the all-ones target; median of ``--repeats`` calls after
-a warm-up call; prints a markdown table, times in ms and ratios to the full JVP and to
+a warm-up call, interleaved; prints a markdown table, times in ms and ratios to the full JVP and to
 the forward).
 """
 
@@ -30,15 +30,19 @@ CASES = (
 )
 
 
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``call`` in ms over ``repeats`` calls, after one warm-up."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median wall time in ms of each call, over ``rounds`` rounds that call each once in
+    turn (after one warm-up call each: folding, tangent programs, lone plans), so that a
+    load that drifts meets every variant alike."""
+    for call in calls.values():
         call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def case_rows(arch: str, classes: int, shape: tuple[int, ...], batch: int,
@@ -53,13 +57,12 @@ def case_rows(arch: str, classes: int, shape: tuple[int, ...], batch: int,
         with torch.no_grad():
             return model(x)
 
-    rows = [("forward", median_ms(forward, repeats)),
-            ("full JVP", median_ms(lambda: redirection_scores(model, x, full), repeats))]
+    calls = {"forward": forward, "full JVP": lambda: redirection_scores(model, x, full)}
     for layers in layer_counts:
         restricted = nonzero_directions(targets.restrict(full, model, layers))
-        rows.append((f"last {layers}", median_ms(
-            lambda target=restricted: redirection_scores(model, x, target), repeats)))
-    return rows
+        calls[f"last {layers}"] = lambda target=restricted: redirection_scores(model, x,
+                                                                               target)
+    return list(interleaved_ms(calls, repeats).items())
 
 
 def main() -> None:
