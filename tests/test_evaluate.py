@@ -198,3 +198,45 @@ def test_miniature_sweep_writes_reports_and_reuses_its_cache(miniature) -> None:
     again = evaluate(sweep, out, lab)  # everything cached: no clone is trained again
     assert (out / "runs.jsonl").read_text() == journal
     assert [r.clone_accuracy for r in again] == [r.clone_accuracy for r in results]
+
+
+# ------------------------------------------------------------- grad2 evaluate --archive
+
+
+def test_archive_table_names_the_best_thief_of_each_budget() -> None:
+    from grad2.lab.archive_eval import EvaluationRow, format_table
+
+    def row(epsilon: float, thief: str, seed: int, accuracy: float) -> EvaluationRow:
+        return EvaluationRow(epsilon, thief, seed, 0.9, 0.0, 0.1, accuracy)
+
+    rows = [row(0.0, "soft", 0, 0.60), row(0.0, "soft", 1, 0.62), row(0.0, "fixer", 0, 0.55),
+            row(0.5, "soft", 0, 0.30), row(0.5, "fixer", 0, 0.58), row(0.5, "fixer", 1, 0.56)]
+    lines = format_table(rows).splitlines()
+    assert lines[0].endswith("| best thief |")
+    assert lines[2].endswith("| soft 61.00 |") and lines[3].endswith("| fixer 57.00 |")
+
+
+def test_the_thiefs_copy_of_the_defense_has_its_own_surrogate_key_and_gate() -> None:
+    from grad2.defenses import GRAD2, GatedGRAD2
+    from grad2.lab.archive_eval import thief_defense
+    from grad2.models import build_model
+
+    torch.manual_seed(0)
+    own = build_model("small_cnn", num_classes=10, in_channels=1).eval()
+    inputs = torch.randn(64, 1, 28, 28)
+    answers = torch.softmax(torch.randn(64, 10), 1)
+    section = {"method": "grad2_gated", "epsilon": 0.2, "epsilon_ood": 2.0,
+               "mapping_key": "secret.key", "gate_score": "features", "gate_file": "gate.pt",
+               "gate_threshold": -1000.0, "gate_slope": 1.0}
+    twin = thief_defense(section, 0.3, own, inputs, answers, seed=0)
+    assert isinstance(twin, GatedGRAD2) and twin.surrogate is own and twin.epsilon == 0.3
+    assert twin.threshold != -1000.0  # recalibrated on the thief's own gate scores
+    flagged = (twin.gate_scores(inputs, answers) < twin.threshold).float().mean()
+    assert flagged <= 0.1
+    assert torch.equal(twin.mapping.sort().values, torch.arange(10))
+    assert (twin.mapping != torch.arange(10)).all()  # its own key's derangement
+    assert isinstance(thief_defense({"method": "grad2", "epsilon": 0.5}, 0.1, own, inputs,
+                                    answers, 0), GRAD2)
+    # A secret target file the thief cannot make up: no copy.
+    assert thief_defense({"method": "grad2", "epsilon": 0.5, "target_file": "t.pt"}, 0.1, own,
+                         inputs, answers, 0) is None

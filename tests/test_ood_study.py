@@ -11,7 +11,7 @@ from grad2.lab import ood
 
 
 @pytest.mark.parametrize("transform", [ood.rotated_crop, ood.inverted_noise, ood.warped,
-                                       ood.shifted_noise])
+                                       ood.shifted_noise, ood.shifted_blurred_rotated])
 def test_transforms_keep_the_pool_format_and_are_seeded(transform):
     images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     once, again = transform(images, 5), transform(images, 5)
@@ -80,3 +80,33 @@ def test_goals_compare_each_defense_with_the_undefended_clones():
     assert ood.effect(report, ood.RECOMMENDED, "animal", "soft") == pytest.approx(20.0)
     table = ood.goals_markdown(report)
     assert "| soft | −15 | +20.0" in table and table.count("| yes |") >= 6
+
+
+def test_issue_23_pools_are_disjoint_from_the_pools_they_join():
+    # The mixed pool is the animal pool plus 500 held-out images no other pool holds; the
+    # fixer's own images are 300 more; the transformed in-distribution pool is 4,000.
+    pytest.importorskip("grad2.lab.data")
+    try:
+        mixed = ood.pool_images("mixed")
+        own = ood.pool_images(ood.OWN_POOL)
+        heldout = ood.pool_images("fashion_heldout")
+    except Exception as error:  # the datasets are not on this machine
+        pytest.skip(str(error))
+    assert mixed.shape == (4500, 28, 28) and own.shape == (300, 28, 28)
+    assert np.array_equal(mixed[:4000], ood.pool_images("animal"))
+    seen = {image.tobytes() for image in heldout}
+    assert not any(image.tobytes() in seen for image in (*mixed[4000:], *own))
+    assert ood.pool_images("fashion_transformed").shape == (4000, 28, 28)
+
+
+def test_best_thief_per_pool_is_the_maximum_over_thieves():
+    clones = {f"none|animal|{thief}": {"mean": value} for thief, value in
+              (("soft", 0.58), ("labels", 0.52), ("fixer", 0.60))}
+    clones.update({f"{ood.RECOMMENDED}|animal|{thief}": {"mean": value} for thief, value in
+                   (("soft", 0.30), ("fixer", 0.55), ("mapping", 0.50))})
+    best = ood.best_per_pool(clones)
+    assert best["none"]["animal"] == {"thief": "fixer", "mean": 0.60}
+    assert best[ood.RECOMMENDED]["animal"] == {"thief": "fixer", "mean": 0.55}
+    report = {"clones": clones, "best": best}
+    table = ood.best_thief_markdown(report)
+    assert "| animal | 58.0 | fixer 60.0 | fixer 55.0 | +3.0 | −15 | no |" in table

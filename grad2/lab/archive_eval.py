@@ -6,30 +6,44 @@ each budget of a small grid the archive's defense is rebuilt at that ``epsilon``
 defender's accuracy on the labelled ``--test`` folder is measured through the worker's
 own decoder, victim and defense (streamed), and simulated thieves train a clone on the
 defended answers to images of ``--pool`` (any folder of images): a soft-label thief and a
-labels-only thief. Writes ``evaluate.json``, ``evaluate.md`` and ``evaluate.png``.
+labels-only thief. With ``--own DIR`` (a few hundred images of the victim's own kind the
+thief owns, answered by the same API) come issue 23's thieves that read the answers
+(:mod:`grad2.lab.thieves`): the mixed thief (pool plus own queries, soft and labels-only),
+the post-hoc fixer, the mapping-recovery thief and the answer filter (its detector learns
+altered answers from its own run of the public defense code: the archive's ``defense:``
+section with its own clone as surrogate, its own key and gate). The table shows the best
+thief of each budget. Writes ``evaluate.json``, ``evaluate.md`` and ``evaluate.png``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from grad2 import gate
 from grad2.config import ConfigError
-from grad2.defenses import takes
+from grad2.defenses import Defense, build_defense, takes
+from grad2.lab import thieves
 from grad2.lab.families import QUICK_EPSILONS, SHORT_EPSILONS
 from grad2.lab.train import CLONE_EPOCHS, padding_fill, train_clone
-from grad2.models import model_spec, predict_probs
+from grad2.models import model_spec, penultimate, predict_probs
 from grad2.serve import clean_probabilities, normalise, open_archive
 from grad2.tools.images import open_images
 
 #: Thieves trained at every budget: name -> train on the top-1 label only?
 THIEVES = {"soft": False, "labels_only": True}
+#: Thieves that need the thief's own in-distribution images (``own``).
+OWN_THIEVES = ("mixed_soft", "mixed_labels", "fixer", "mapping", "filter")
+#: Share of the thief's own in-distribution images its copy of a feature gate flags.
+OWN_GATE_SHARE = 0.02
 
 
 @dataclass
@@ -47,11 +61,12 @@ def evaluate_archive(
     archive: Path, pool: Path, test: Path, out: Path,
     epsilons: Sequence[float] | None = None, quick: bool = False, seeds: int = 1,
     budget: int | None = None, epochs: int | None = None, clone_arch: str | None = None,
-    progress: bool = True,
+    progress: bool = True, own: Path | None = None,
 ) -> list[EvaluationRow]:
     """Sweep ``epsilons`` (default :data:`~grad2.lab.families.SHORT_EPSILONS`, or
     :data:`~grad2.lab.families.QUICK_EPSILONS` with ``quick``) of ``archive``'s defense;
-    returns one row per budget, thief and seed and writes the reports into ``out``."""
+    returns one row per budget, thief and seed and writes the reports into ``out``.
+    ``own``: a folder of the thief's in-distribution images (adds :data:`OWN_THIEVES`)."""
     started = time.perf_counter()
     epsilons = list(epsilons or (QUICK_EPSILONS if quick else SHORT_EPSILONS))
     budget = budget or (1000 if quick else 4000)
@@ -72,9 +87,12 @@ def evaluate_archive(
         pool_set = open_images(Path(pool), spec)
         if budget < len(pool_set):  # spread over the folder, not its first sub-folders
             pool_set = pool_set.subset(range(0, len(pool_set), len(pool_set) // budget)[:budget])
-        pixels, _ = pool_set.load(progress=progress)
-        pool_inputs = normalise(pixels.float() / 255.0, spec)
+        pool_inputs = _load_inputs(pool_set, spec, progress)
         pool_clean = predict_probs(served.victim, pool_inputs)
+        own_inputs = None
+        if own is not None:
+            own_inputs = _load_inputs(open_images(Path(own), spec), spec, progress)
+            own_clean = predict_probs(served.victim, own_inputs)
         test_set = open_images(Path(test), spec, class_names, labelled=True)
         arch = clone_arch or model_spec(served.victim)["arch"]
         fill = padding_fill(spec)
@@ -83,15 +101,22 @@ def evaluate_archive(
         rows = []
         for epsilon in epsilons:
             defense = defenses[epsilon]
-            with torch.enable_grad():
-                answers = torch.cat([defense(pool_inputs[i:i + 256], pool_clean[i:i + 256])
-                                     for i in range(0, len(pool_inputs), 256)]).float()
+            answers = _answer(defense, pool_inputs, pool_clean)
             l1 = float((answers - pool_clean).abs().sum(1).mean())
-            for thief, hard in THIEVES.items():
-                for seed in range(seeds):
-                    clone = train_clone(pool_inputs, answers, arch=arch, epochs=epochs,
-                                        seed=seed, hard_labels=hard, progress=progress,
-                                        fill=fill)
+
+            def fit(inputs, targets, seed, hard=False):
+                return train_clone(inputs, targets, arch=arch, epochs=epochs, seed=seed,
+                                   hard_labels=hard, progress=progress, fill=fill)
+
+            for seed in range(seeds):
+                clones = {thief: fit(pool_inputs, answers, seed, hard)
+                          for thief, hard in THIEVES.items()}
+                if own_inputs is not None:
+                    own_answers = _answer(defense, own_inputs, own_clean)
+                    clones.update(own_thieves(
+                        fit, clones["soft"], pool_inputs, answers, own_inputs, own_answers,
+                        opened.config["defense"], epsilon, seed))
+                for thief, clone in clones.items():
                     rows.append(EvaluationRow(
                         epsilon=epsilon, thief=thief, seed=seed,
                         defender_accuracy=accuracy[epsilon],
@@ -102,6 +127,8 @@ def evaluate_archive(
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluate.json").write_text(json.dumps({
         "archive": str(archive), "pool": str(pool), "test": str(test),
+        "own": None if own is None else str(own),
+        "own_images": 0 if own_inputs is None else len(own_inputs),
         "pool_images": len(pool_inputs), "test_images": len(test_set),
         "clone_arch": arch, "epochs": epochs, "seeds": seeds,
         "undefended_accuracy": accuracy["clean"],
@@ -111,6 +138,78 @@ def evaluate_archive(
     (out / "evaluate.md").write_text(format_table(rows) + "\n")
     plot_rows(rows, out / "evaluate.png", str(archive))
     return rows
+
+
+def _load_inputs(image_set, spec, progress: bool) -> torch.Tensor:
+    pixels, _ = image_set.load(progress=progress)
+    return normalise(pixels.float() / 255.0, spec)
+
+
+def _answer(defense, inputs: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` float answers of ``defense`` in batches of 256."""
+    with torch.enable_grad():
+        return torch.cat([defense(inputs[i:i + 256], clean[i:i + 256])
+                          for i in range(0, len(inputs), 256)]).float()
+
+
+def own_thieves(fit, soft: torch.nn.Module, inputs: torch.Tensor, answers: torch.Tensor,
+                own_inputs: torch.Tensor, own_answers: torch.Tensor,
+                defense_section: Mapping[str, Any], epsilon: float,
+                seed: int) -> dict[str, torch.nn.Module]:
+    """The clones of :data:`OWN_THIEVES` (those it can build): ``fit(inputs, targets,
+    seed, hard)`` trains one; ``soft`` is the soft thief's clone of the API's ``answers
+    [N, K]`` to ``inputs``; ``own_answers [M, K]`` the API's answers to the thief's own
+    in-distribution ``own_inputs``."""
+    mixed_inputs = torch.cat([inputs, own_inputs])
+    mixed_answers = torch.cat([answers, own_answers])
+    clones = {"mixed_soft": fit(mixed_inputs, mixed_answers, seed),
+              "mixed_labels": fit(mixed_inputs, mixed_answers, seed, True),
+              "fixer": thieves.RelabelledClone(
+                  soft, thieves.fixer_relabelling(soft, own_inputs, own_answers))}
+    relabelling = thieves.estimate_relabelling(soft, own_inputs, own_answers)
+    clones["mapping"] = soft
+    if not torch.equal(relabelling, torch.arange(len(relabelling))):
+        reference = predict_probs(fit(own_inputs, own_answers, seed + 50), inputs)
+        recovered, _ = thieves.recover_answers(answers, relabelling, reference)
+        clones["mapping"] = fit(inputs, recovered, seed)
+    twin = thief_defense(defense_section, epsilon, soft, own_inputs, own_answers, seed)
+    if twin is not None:
+        own_clean = predict_probs(soft, inputs)
+        altered = _answer(twin, inputs, own_clean)
+        keep, _ = thieves.filter_rows(answers, altered, own_clean, thieves.answer_features,
+                                      lambda rows, labels, s: thieves.fit_mlp(rows, labels, s, 30),
+                                      seed)
+        clones["filter"] = soft if keep.all() else fit(inputs[keep], answers[keep], seed)
+    return clones
+
+
+def thief_defense(defense_section: Mapping[str, Any], epsilon: float, own_model: torch.nn.Module,
+                  own_inputs: torch.Tensor, own_answers: torch.Tensor,
+                  seed: int) -> Defense | None:
+    """The thief's run of the public defense code (Kerckhoffs): the archive's ``defense:``
+    section at ``epsilon`` with ``own_model`` as surrogate, its own mapping key, and its
+    own feature gate (fitted on its in-distribution images, labelled by the API, flagging
+    :data:`OWN_GATE_SHARE` of them). ``None`` where the section needs another secret file
+    (a target file) the thief cannot make up."""
+    section = {**copy.deepcopy(dict(defense_section)), "epsilon": float(epsilon)}
+    files: dict[str, Any] = {}
+    if section.get("mapping_key") is not None:
+        files["mapping_key"] = hashlib.sha256(f"thief key {seed}".encode()).digest()
+    if section.get("gate_file") is not None:
+        features = penultimate(own_model, own_inputs)
+        own_gate = gate.fit_feature_gate(features, own_answers.argmax(1),
+                                         own_answers.shape[1])
+        scores = gate.feature_score(features, own_gate)
+        files["gate_file"] = own_gate
+        section["gate_threshold"] = gate.calibrate_threshold(scores, OWN_GATE_SHARE)
+        section["gate_slope"] = 20.0 / max(scores.std().item(), 1e-6)
+    if any(key.endswith("_file") and key not in files and section.get(key) is not None
+           for key in section):
+        return None
+    try:
+        return build_defense(section, surrogate=own_model, files=files)
+    except (ConfigError, ValueError):
+        return None
 
 
 def _defender_accuracy(victim, defenses, test_set, progress: bool) -> dict:
@@ -138,20 +237,25 @@ def _clone_accuracy(clone: torch.nn.Module, test_set) -> float:
 
 
 def format_table(rows: Sequence[EvaluationRow]) -> str:
-    """Mean over seeds, one line per budget: defender accuracy and each thief's clone."""
-    thieves = list(dict.fromkeys(row.thief for row in rows))
+    """Mean over seeds, one line per budget: defender accuracy, each thief's clone and the
+    best thief (the highest mean clone accuracy any thief reaches at that budget)."""
+    names = list(dict.fromkeys(row.thief for row in rows))
     lines = ["| epsilon | defender accuracy | drop (points) | effective L1 | "
-             + " | ".join(f"clone, {thief}" for thief in thieves) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in thieves) + " |"]
+             + " | ".join(f"clone, {thief}" for thief in names) + " | best thief |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
     for epsilon in dict.fromkeys(row.epsilon for row in rows):
         at = [row for row in rows if row.epsilon == epsilon]
-        clones = []
-        for thief in thieves:
+        means = {}
+        for thief in names:
             values = [row.clone_accuracy for row in at if row.thief == thief]
-            clones.append(f"{100 * sum(values) / len(values):.2f}")
+            if values:
+                means[thief] = sum(values) / len(values)
+        best, value = thieves.best_thief(means)
         lines.append(f"| {epsilon:g} | {100 * at[0].defender_accuracy:.2f} | "
                      f"{at[0].defender_drop:.2f} | {at[0].effective_l1:.3f} | "
-                     + " | ".join(clones) + " |")
+                     + " | ".join(f"{100 * means[t]:.2f}" if t in means else "–"
+                                  for t in names)
+                     + f" | {best} {100 * value:.2f} |")
     return "\n".join(lines)
 
 

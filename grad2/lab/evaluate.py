@@ -1002,7 +1002,7 @@ def _evaluate_archive_command(args: argparse.Namespace) -> int:
         Path(args.archive), Path(args.pool), Path(args.test), Path(args.out),
         epsilons=args.epsilons, quick=args.quick, seeds=args.seeds, budget=args.pool_size,
         epochs=args.clone_epochs, clone_arch=args.clone_arch,
-        progress=not args.no_progress)
+        progress=not args.no_progress, own=args.own)
     print(format_table(rows))
     print(f"report: {Path(args.out) / 'evaluate.json'}, evaluate.md, evaluate.png")
     return 0
@@ -1022,6 +1022,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --archive: labelled folder (class sub-folders) to score on")
     parser.add_argument("--epsilons", type=float, nargs="+",
                         help="with --archive: budgets to sweep (default 0 0.25 0.5 1)")
+    parser.add_argument("--own", type=Path,
+                        help="with --archive: a few hundred of the thief's own in-distribution "
+                        "images (adds the mixed, fixer, mapping-recovery and filter thieves)")
     parser.add_argument("--seeds", type=int, default=1, help="with --archive: clone seeds")
     parser.add_argument("--clone-arch", help="with --archive: clone architecture (default: "
                         "the victim's)")

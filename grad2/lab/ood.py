@@ -11,9 +11,15 @@ the other half of the test split, which nothing was fitted on.
 Thieves query pools no fitting step saw (:data:`POOLS`): Animal-MNIST, three transformed
 copies of it (rotated and cropped; inverted with noise; shifted with lower contrast and
 noise), a warped copy of the held-out Fashion-MNIST images, and the held-out images
-themselves (the in-distribution thief). Thieves (:data:`THIEVES`): soft, labels-only,
-another architecture, prior-correcting (derived from the soft clone), recovery (learns a
-defended → clean map on its own simulation of the public defense) and confidence-filtering.
+themselves (the in-distribution thief), a shifted, blurred and rotated copy of them
+(``fashion_transformed``) and the mixed pool (Animal-MNIST plus 500 held-out images).
+Thieves (:data:`THIEVES`): soft, labels-only, another architecture, prior-correcting
+(derived from the soft clone), recovery (learns a defended → clean map on its own
+simulation of the public defense), confidence-filtering, and issue 23's thieves that read
+the answers (:mod:`grad2.lab.thieves`): the post-hoc fixer (derived from the soft clone),
+mapping recovery and the answer filter; the fixer and the mapping-recovery thief also own
+300 held-out images (:data:`OWN_POOL`). ``--thieves`` runs only those on issue 23's pools
+and reports the best thief per pool.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import Tensor, nn
 
 from grad2 import defenses as D
 from grad2 import gate
+from grad2.lab import thieves
 from grad2.lab.data import (
     cache_dir,
     pool_indices,
@@ -48,8 +55,8 @@ from grad2.lab.evaluate import (
     prior_corrected_logits,
 )
 from grad2.lab.families import STUDY_DEFENSES
+from grad2.lab.thieves import answer_features, fit_mlp
 from grad2.lab.train import (
-    set_seed,
     set_threads,
     train_clone,
     train_misinformation,
@@ -83,7 +90,15 @@ OWNERSHIP_DRAWS = 10_000
 #: Thieves trained on every pool, and those trained on the main pool only.
 POOL_THIEVES = ("soft", "labels")
 MAIN_THIEVES = ("soft", "labels", "arch", "recovery", "confidence")
-THIEVES = (*MAIN_THIEVES, "prior")
+#: Issue 23's thieves that read the answers, trained from the soft thief's clone.
+ANSWER_THIEVES = ("mapping", "filter")
+#: Thieves derived from the soft thief's clone without training: prior-correcting and the
+#: post-hoc fixer.
+DERIVED_THIEVES = ("prior", "fixer")
+THIEVES = (*MAIN_THIEVES, *ANSWER_THIEVES, *DERIVED_THIEVES)
+#: The order issue 23's runs train thieves in: the soft thief first (the others start from
+#: its clone), the cheap and strong ones before the rest.
+TRAINED_ORDER = (("soft", "labels", *ANSWER_THIEVES), ("recovery", "confidence", "arch"))
 MAIN_POOL = "animal"
 IN_DISTRIBUTION_POOL = "fashion_heldout"
 
@@ -139,6 +154,27 @@ def shifted_noise(images: np.ndarray, seed: int) -> np.ndarray:
     return (moved * contrast + noise).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def shifted_blurred_rotated(images: np.ndarray, seed: int) -> np.ndarray:
+    """A random rotation (±15°) and shift (±2 px) per image, and a 3x3 Gaussian blur
+    (σ 0.8) on a random half: the victim's own kind of images, photographed again."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(images)
+    angle = (torch.rand(count, generator=generator) * 2 - 1) * (torch.pi / 12)
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * (2 / 14)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    source = torch.from_numpy(images).float().unsqueeze(1)
+    grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+    moved = F.grid_sample(source, grid, align_corners=False)
+    taps = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * 0.8 ** 2))
+    kernel = (taps[:, None] * taps[None, :] / taps.sum() ** 2).view(1, 1, 3, 3)
+    blurred = F.conv2d(F.pad(moved, (1, 1, 1, 1), mode="replicate"), kernel)
+    blur = (torch.rand(count, generator=generator) < 0.5).view(-1, 1, 1, 1)
+    return torch.where(blur, blurred, moved).squeeze(1).round().clamp(0, 255).to(
+        torch.uint8).numpy()
+
+
 #: Thief pools: name -> (lab pool it is made from, transform or None). The one list.
 POOLS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray] | None]] = {
     "animal": ("animal", None),
@@ -147,7 +183,19 @@ POOLS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray] | None]] = {
     "animal_shifted": ("animal", shifted_noise),
     "heldout_warped": ("fashion_heldout", warped),
     "fashion_heldout": ("fashion_heldout", None),
+    "fashion_transformed": ("fashion_heldout", shifted_blurred_rotated),
 }
+#: Held-out Fashion-MNIST images no pool above holds (positions after the seed-0 draw of
+#: :data:`QUERIES` in that draw's order): name -> (first, stop).
+HELDOUT_PARTS = {"fashion_extra": (QUERIES, QUERIES + 500),
+                 "fashion_own": (QUERIES + 500, QUERIES + 800)}
+#: Pools joined from others: the mixed thief's OOD pool plus 500 in-distribution queries.
+MIXED_POOLS = {"mixed": ("animal", "fashion_extra")}
+#: The few hundred in-distribution queries the fixer and the mapping-recovery thief own
+#: (answered by the same API, on top of the pool's queries).
+OWN_POOL = "fashion_own"
+#: Issue 23's pools: OOD, mixed, in-distribution (transformed own-distribution images).
+THIEF_POOLS = ("animal", "mixed", "fashion_transformed")
 #: The pools whose queries are out of the victim's distribution and teach an undefended
 #: thief something (its clone well above the 10% of chance): the goals' pools.
 #: ``animal_inverted`` is reported apart: undefended clones there reach 11-21%.
@@ -155,7 +203,14 @@ OOD_POOLS = ("animal", "animal_rotated", "animal_shifted")
 
 
 def pool_images(name: str, queries: int = QUERIES) -> np.ndarray:
-    """``uint8 [queries, 28, 28]``: a thief pool of :data:`POOLS` (seed 0 draw)."""
+    """``uint8 [N, 28, 28]``: a thief pool of :data:`POOLS` (seed 0 draw of ``queries``),
+    a part of :data:`HELDOUT_PARTS` or a joined pool of :data:`MIXED_POOLS`."""
+    if name in MIXED_POOLS:
+        return np.concatenate([pool_images(part, queries) for part in MIXED_POOLS[name]])
+    if name in HELDOUT_PARTS:
+        heldout = thief_pool("fashion_heldout")
+        first, stop = HELDOUT_PARTS[name]
+        return heldout.images[pool_indices(len(heldout), len(heldout), 0)[first:stop]]
     base, transform = POOLS[name]
     images = thief_pool(base, size=queries, seed=0).images
     return images if transform is None else transform(images, 1)
@@ -361,46 +416,11 @@ def simulated_defense(name: str, defender: Defender, own_model: nn.Module,
                         gate_tensors=own_gate)
 
 
-def answer_features(answers: Tensor) -> Tensor:
-    """``[N, 3K + 1]``: an answer's values, their logs, its sorted values and its count of
-    exact zeros: what the recovery map and the tell detector read."""
-    logs = answers.clamp_min(1e-12).log()
-    ranked = answers.sort(dim=1, descending=True).values
-    zeros = (answers == 0).sum(dim=1, keepdim=True).float()
-    return torch.cat([answers, logs / 10, ranked, zeros], dim=1)
-
-
-def fit_mlp(features: Tensor, targets: Tensor, seed: int, epochs: int = 60) -> nn.Module:
-    """A small MLP fitted with Adam: soft cross-entropy for probability targets ``[N, K]``,
-    cross-entropy for class ids ``[N]``."""
-    set_seed(seed)
-    hard = targets.ndim == 1
-    outputs = int(targets.max()) + 1 if hard else targets.shape[1]
-    model = nn.Sequential(nn.Linear(features.shape[1], 128), nn.ReLU(), nn.Linear(128, 128),
-                          nn.ReLU(), nn.Linear(128, outputs))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(features), generator=generator)
-        for start in range(0, len(features), 256):
-            rows = order[start:start + 256]
-            logits = model(features[rows])
-            if hard:
-                loss = F.cross_entropy(logits, targets[rows])
-            else:
-                loss = -(targets[rows] * logits.log_softmax(1)).sum(1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
 def recovery_answers(name: str, defender: Defender, inputs: Tensor, answers: Tensor,
-                     seed: int) -> tuple[Tensor, dict]:
-    """The recovery thief: a first clone on the API's answers, then the public defense run
-    with that clone as surrogate on the thief's own pool gives pairs (defended, clean) to
-    fit a map defended → clean, applied to the API's answers."""
-    first, _ = fit_clone(inputs, answers, seed)
+                     seed: int, first: nn.Module) -> tuple[Tensor, dict]:
+    """The recovery thief: with its first clone ``first`` (trained on the API's answers)
+    as surrogate, the public defense run on the thief's own pool gives pairs (defended,
+    clean) to fit a map defended → clean, applied to the API's answers."""
     own_clean = predict_probs(first, inputs)
     simulation = simulated_defense(name, defender, first, inputs, own_clean, seed)
     with torch.enable_grad():
@@ -411,8 +431,58 @@ def recovery_answers(name: str, defender: Defender, inputs: Tensor, answers: Ten
     return recovered, {"simulated_l1": (simulated - own_clean).abs().sum(1).mean().item()}
 
 
+def mapping_answers(defender: Defender, name: str, inputs: Tensor, answers: Tensor,
+                    seed: int, first: nn.Module) -> tuple[Tensor, dict]:
+    """The mapping-recovery thief's targets: the relabelling its first clone's confusion
+    against the API on its own in-distribution queries (:data:`OWN_POOL`) shows, undone on
+    the answers a reference model (a clone of those queries' answers alone) finds more
+    plausible undone (:func:`grad2.lab.thieves.recover_answers`)."""
+    own_inputs, _, own_answers = defender.answers(name, OWN_POOL)
+    relabelling = thieves.estimate_relabelling(first, own_inputs, own_answers)
+    extra = {"relabelling_found": float(torch.equal(relabelling, defender.mapping))
+             if name.endswith("permute") else 0.0,
+             "renamed_classes": float((relabelling != torch.arange(len(relabelling))).sum())}
+    if extra["renamed_classes"] == 0:
+        return answers, {**extra, "undone_share": 0.0}
+    reference, _ = fit_clone(own_inputs, own_answers, seed + 50)
+    recovered, moved = thieves.recover_answers(answers, relabelling,
+                                               predict_probs(reference, inputs))
+    return recovered, {**extra, "undone_share": moved.float().mean().item()}
+
+
+def filtered_rows(defender: Defender, name: str, inputs: Tensor, answers: Tensor, seed: int,
+                  first: nn.Module) -> tuple[Tensor, dict]:
+    """``[N]`` bool: the answers the answer filter keeps. Its detector learns altered from
+    clean answers on its own run of the public defense (its first clone as surrogate, its
+    own key) over its own pool (:func:`simulated_defense`)."""
+    own_clean = predict_probs(first, inputs)
+    simulation = simulated_defense(name, defender, first, inputs, own_clean, seed)
+    with torch.enable_grad():
+        simulated = apply_defense(simulation, inputs, own_clean, progress=False)
+    keep, accuracy = thieves.filter_rows(answers, simulated, own_clean, answer_features,
+                                         lambda rows, labels, s: fit_mlp(rows, labels, s, 30),
+                                         seed)
+    return keep, {"detector_accuracy": accuracy, "kept_share": keep.float().mean().item()}
+
+
+def clone_path(lab: Lab, name: str, pool: str, thief: str, seed: int) -> Path:
+    """Where a thief's clone is kept."""
+    return lab.folder / "ood_clones" / f"{name}-{pool}-{thief}-{seed}.pt"
+
+
+def soft_clone(defender: Defender, name: str, pool: str, seed: int) -> nn.Module:
+    """The soft thief's clone of ``pool`` (trained first; the later thieves' first clone)."""
+    path = clone_path(defender.lab, name, pool, "soft", seed)
+    if not path.exists():
+        run_thief(defender, name, pool, "soft", seed)
+    model, _ = load_checkpoint(path)
+    return model.eval()
+
+
 def run_thief(defender: Defender, name: str, pool: str, thief: str, seed: int) -> list[Run]:
-    """Train one thief's clone (and derive the prior-correcting thief from a soft one)."""
+    """Train one thief's clone; a soft one also gives the prior-correcting thief and the
+    post-hoc fixer (its outputs renamed, no retraining). Thieves whose targets equal the
+    soft thief's (nothing undone, nothing dropped) reuse its clone."""
     lab = defender.lab
     started = time.perf_counter()
     inputs, clean, answers = defender.answers(name, pool)
@@ -422,14 +492,26 @@ def run_thief(defender: Defender, name: str, pool: str, thief: str, seed: int) -
         keep = confident_rows(answers)
         train_inputs, train_answers = inputs[keep], answers[keep]
     elif thief == "recovery":
-        train_answers, extra = recovery_answers(name, defender, inputs, answers, seed)
+        train_answers, extra = recovery_answers(name, defender, inputs, answers, seed,
+                                                soft_clone(defender, name, pool, seed))
         extra["l1_before"] = (answers - clean).abs().sum(1).mean().item()
         extra["l1_after"] = (train_answers - clean).abs().sum(1).mean().item()
-    clone, retrained = fit_clone(train_inputs, train_answers, seed, arch,
-                                 hard_labels=thief == "labels")
+    elif thief == "mapping":
+        train_answers, extra = mapping_answers(defender, name, inputs, answers, seed,
+                                               soft_clone(defender, name, pool, seed))
+    elif thief == "filter":
+        keep, extra = filtered_rows(defender, name, inputs, answers, seed,
+                                    soft_clone(defender, name, pool, seed))
+        train_inputs, train_answers = inputs[keep], answers[keep]
+    same_as_soft = (thief in ("mapping", "filter") and len(train_inputs) == len(inputs)
+                    and torch.equal(train_answers, answers))
+    if same_as_soft:
+        clone, retrained = soft_clone(defender, name, pool, seed), False
+    else:
+        clone, retrained = fit_clone(train_inputs, train_answers, seed, arch,
+                                     hard_labels=thief == "labels")
     accuracy, logits = clone_accuracy(clone, lab)
-    folder = lab.folder / "ood_clones"
-    save_checkpoint(clone, folder / f"{name}-{pool}-{thief}-{seed}.pt", {"role": "clone"})
+    save_checkpoint(clone, clone_path(lab, name, pool, thief, seed), {"role": "clone"})
     wall = round(time.perf_counter() - started, 1)
     runs = [Run(name, pool, thief, seed, accuracy, len(inputs), len(train_inputs), retrained,
                 wall, extra)]
@@ -437,6 +519,13 @@ def run_thief(defender: Defender, name: str, pool: str, thief: str, seed: int) -
         prior = (prior_corrected_logits(logits, answers).argmax(1) == lab.test_labels)
         runs.append(Run(name, pool, "prior", seed, prior.float().mean().item(), len(inputs),
                         len(inputs), retrained, 0.0, {}))
+        own_inputs, _, own_answers = defender.answers(name, OWN_POOL)
+        renaming = thieves.fixer_relabelling(clone, own_inputs, own_answers)
+        fixed = thieves.relabel_outputs(logits, renaming).argmax(1) == lab.test_labels
+        runs.append(Run(name, pool, "fixer", seed, fixed.float().mean().item(),
+                        len(inputs) + len(own_inputs), len(inputs), retrained, 0.0,
+                        {"renamed_classes": float((renaming != torch.arange(len(renaming)))
+                                                  .sum())}))
     return runs
 
 
@@ -524,13 +613,41 @@ def plan(quick: bool) -> list[tuple[str, str, str, int]]:
     jobs = []
     for seed in seeds:
         for name in STUDY_DEFENSES:
-            for thief in MAIN_THIEVES:
+            for thief in (*MAIN_THIEVES, *ANSWER_THIEVES):
                 if thief in POOL_THIEVES or name != "grad2_gated_redirect":
                     jobs.append((name, MAIN_POOL, thief, seed))
-            for pool in POOLS:
+            for pool in (*POOLS, *MIXED_POOLS):
                 if pool != MAIN_POOL:
-                    jobs.extend((name, pool, thief, seed) for thief in POOL_THIEVES)
+                    answer_thieves = ANSWER_THIEVES if pool in THIEF_POOLS else ()
+                    jobs.extend((name, pool, thief, seed)
+                                for thief in (*POOL_THIEVES, *answer_thieves))
     return jobs
+
+
+def thief_plan(defenses: tuple[str, ...], pools: tuple[str, ...], trained: tuple[str, ...],
+               seeds: tuple[int, ...]) -> list[tuple[str, str, str, int]]:
+    """(defense, pool, thief, seed) of issue 23's runs, in :data:`TRAINED_ORDER` (so that a
+    run cut short has the soft, labels-only, mapping and filter thieves of every pool)."""
+    return [(name, pool, thief, seed) for seed in seeds for tier in TRAINED_ORDER
+            for pool in pools for name in defenses for thief in tier if thief in trained]
+
+
+def train_planned(defender: Defender, jobs: list[tuple[str, str, str, int]], journal: Path,
+                  progress: bool = True) -> list[Run]:
+    """Train every job not yet in ``journal`` (one JSON run a line, appended as they end)."""
+    done = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            run = Run(**json.loads(line))
+            done[run.defense, run.pool, run.thief, run.seed] = run
+    for job in progress_bar(jobs, desc="clones", disable=not progress):
+        if job in done:
+            continue
+        for run in run_thief(defender, *job):
+            done[run.defense, run.pool, run.thief, run.seed] = run
+            with open(journal, "a") as handle:
+                handle.write(json.dumps(asdict(run)) + "\n")
+    return list(done.values())
 
 
 def run_study(out: Path, folder: Path, quick: bool = False, progress: bool = True) -> dict:
@@ -539,20 +656,7 @@ def run_study(out: Path, folder: Path, quick: bool = False, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     lab = Lab(folder, progress=progress)
     defender = Defender(lab, progress)
-    journal = out / "ood_runs.jsonl"
-    done = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            run = Run(**json.loads(line))
-            done[run.defense, run.pool, run.thief, run.seed] = run
-    for job in progress_bar(plan(quick), desc="clones", disable=not progress):
-        if job in done:
-            continue
-        for run in run_thief(defender, *job):
-            done[run.defense, run.pool, run.thief, run.seed] = run
-            with open(journal, "a") as handle:
-                handle.write(json.dumps(asdict(run)) + "\n")
-    runs = list(done.values())
+    runs = train_planned(defender, plan(quick), out / "ood_runs.jsonl", progress)
     report = summarise(defender, runs)
     (out / "ood.json").write_text(json.dumps(report, indent=1))
     (out / "ood.md").write_text(goals_markdown(report) + "\n" + markdown(report))
@@ -588,6 +692,15 @@ def summarise(defender: Defender, runs: list[Run]) -> dict:
         msp = gate.max_softmax(clean) < defender.knobs["adaptive_misinformation"]
         report["gated_share"][pool] = {"msp": msp.float().mean().item(),
                                        "features": defender.gated_share(inputs)}
+    report["clones"], report["recovery"] = clone_cells(runs)
+    report["best"] = best_per_pool(report["clones"])
+    report["ownership"] = ownership_report(defender, runs)
+    return report
+
+
+def clone_cells(runs: list[Run]) -> tuple[dict, dict]:
+    """Clone accuracy per ``"defense|pool|thief"`` (mean, std, seeds, values) and the mean
+    of each thief's extra figures."""
     cells: dict[str, list[float]] = {}
     extras: dict[str, list[dict]] = {}
     for run in runs:
@@ -595,24 +708,36 @@ def summarise(defender: Defender, runs: list[Run]) -> dict:
         cells.setdefault(key, []).append(run.clone_accuracy)
         if run.extra:
             extras.setdefault(key, []).append(run.extra)
-    report["clones"] = {key: {"mean": float(np.mean(v)), "std": float(np.std(v)),
-                              "seeds": len(v), "values": v} for key, v in cells.items()}
-    report["recovery"] = {key: {name: float(np.mean([e[name] for e in v])) for name in v[0]}
-                          for key, v in extras.items()}
-    report["ownership"] = ownership_report(defender, runs)
-    return report
+    clones = {key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": len(v),
+                    "values": v} for key, v in cells.items()}
+    means = {key: {name: float(np.mean([e[name] for e in v])) for name in v[0]}
+             for key, v in extras.items()}
+    return clones, means
+
+
+def best_per_pool(clones: dict) -> dict[str, dict[str, dict]]:
+    """``{defense: {pool: {"thief", "mean"}}}``: the best thief of each pool (the highest
+    mean clone accuracy any thief measured there reaches)."""
+    accuracies: dict[tuple[str, str], dict[str, float]] = {}
+    for key, cell in clones.items():
+        name, pool, thief = key.split("|")
+        accuracies.setdefault((name, pool), {})[thief] = cell["mean"]
+    best: dict[str, dict[str, dict]] = {}
+    for (name, pool), values in accuracies.items():
+        thief, mean = thieves.best_thief(values)
+        best.setdefault(name, {})[pool] = {"thief": thief, "mean": mean}
+    return best
 
 
 def ownership_report(defender: Defender, runs: list[Run]) -> dict:
     """p-values of every clone of the keyed defense and of the innocent models, on each
     kind of verification images."""
     lab = defender.lab
-    folder = lab.folder / "ood_clones"
     suspects: dict[str, tuple[str, nn.Module]] = {}
     for run in runs:
-        if run.thief == "prior" or run.defense not in (RECOMMENDED, "none"):
+        if run.thief in DERIVED_THIEVES or run.defense not in (RECOMMENDED, "none"):
             continue
-        model, _ = load_checkpoint(folder / f"{run.defense}-{run.pool}-{run.thief}-{run.seed}.pt")
+        model, _ = load_checkpoint(clone_path(lab, run.defense, run.pool, run.thief, run.seed))
         group = "accused" if run.defense == RECOMMENDED else "innocent"
         suspects[f"clone of {run.defense}: {run.pool} {run.thief} seed {run.seed}"] = (group,
                                                                                        model)
@@ -636,6 +761,23 @@ def _cell(report: dict, name: str, pool: str, thief: str) -> str:
     return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
 
 
+def pool_table(report: dict, pool: str, defenses: tuple[str, ...]) -> list[str]:
+    """Markdown lines: clone accuracy of every thief measured on ``pool``, one row per
+    defense, and the best thief (the highest mean any thief reaches)."""
+    measured = {key.split("|")[2] for key in report["clones"] if key.split("|")[1] == pool}
+    names = [thief for thief in THIEVES if thief in measured]
+    if not names:
+        return []
+    lines = [f"**{pool}**", "", "| defense | " + " | ".join(names) + " | best thief |",
+             "| --- " * (len(names) + 2) + "|"]
+    for name in defenses:
+        best = report["best"].get(name, {}).get(pool)
+        best_cell = f"{best['thief']} {100 * best['mean']:.1f}" if best else "–"
+        lines.append(f"| {name} | " + " | ".join(_cell(report, name, pool, t) for t in names)
+                     + f" | {best_cell} |")
+    return [*lines, ""]
+
+
 def markdown(report: dict) -> str:
     """The study's tables: defender cost and tells, clones per pool and thief, ownership."""
     lines = ["| defense | knob | defender acc. (test half) | drop | test L1 | animal L1 | "
@@ -653,14 +795,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {pool} | {100 * row['msp']:.1f}% | {100 * row['features']:.1f}% |"
               for pool, row in report["gated_share"].items()]
     lines += ["", "Clone accuracy (%, mean ± std over seeds) on the Fashion-MNIST test split:", ""]
-    for pool in POOLS:
-        thieves = (*(MAIN_THIEVES if pool == MAIN_POOL else POOL_THIEVES), "prior")
-        lines += [f"**{pool}**", "", "| defense | " + " | ".join(thieves) + " |",
-                  "| --- " * (len(thieves) + 1) + "|"]
-        for name in STUDY_DEFENSES:
-            lines.append(f"| {name} | " + " | ".join(_cell(report, name, pool, t)
-                                                    for t in thieves) + " |")
-        lines.append("")
+    for pool in (*POOLS, *MIXED_POOLS):
+        lines += pool_table(report, pool, STUDY_DEFENSES)
     for kind, groups in report["ownership"].items():
         lines += [f"Ownership on {kind} images (permutation test, 10,000 random mappings):",
                   "", "| model | group | follows σ | p |", "| --- | --- | --- | --- |"]
@@ -746,6 +882,70 @@ def goals_markdown(report: dict, name: str = RECOMMENDED) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Issue 23's goals: clone points the best thief must lose against the undefended soft
+#: clone, per pool.
+BEST_THIEF_GOALS = {"animal": 15.0, "mixed": 8.0, "fashion_transformed": 5.0}
+
+
+def best_thief_markdown(report: dict, name: str = RECOMMENDED) -> str:
+    """Per pool: the undefended soft clone, the best thief against ``none`` and against
+    ``name``, and the points the defense takes from the best thief (issue 23's goals)."""
+    lines = ["| pool | undefended soft | best thief, undefended | best thief, "
+             f"{name} | points removed vs undefended soft | goal | met |",
+             "| --- " * 7 + "|"]
+    for pool, goal in BEST_THIEF_GOALS.items():
+        soft = report["clones"].get(f"none|{pool}|soft")
+        plain = report["best"].get("none", {}).get(pool)
+        defended = report["best"].get(name, {}).get(pool)
+        if soft is None or defended is None:
+            continue
+        removed = 100 * (soft["mean"] - defended["mean"])
+        plain_cell = f"{plain['thief']} {100 * plain['mean']:.1f}" if plain else "–"
+        lines.append(f"| {pool} | {100 * soft['mean']:.1f} | {plain_cell} | "
+                     f"{defended['thief']} {100 * defended['mean']:.1f} | {removed:+.1f} | "
+                     f"−{goal:g} | {'yes' if removed >= goal else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_thief_study(out: Path, folder: Path, defenses: tuple[str, ...] = ("none", RECOMMENDED),
+                    pools: tuple[str, ...] = THIEF_POOLS,
+                    trained: tuple[str, ...] = (*MAIN_THIEVES, *ANSWER_THIEVES),
+                    seeds: tuple[int, ...] = (0,), progress: bool = True) -> dict:
+    """Issue 23's thieves on ``pools`` against ``defenses`` (journal ``thieves_runs.jsonl``
+    in ``out``): writes ``thieves.json`` and ``thieves.md`` with the best thief per pool."""
+    out.mkdir(parents=True, exist_ok=True)
+    lab = Lab(folder, progress=progress)
+    defender = Defender(lab, progress, names=defenses)
+    jobs = thief_plan(defenses, pools, trained, seeds)
+    runs = [run for run in train_planned(defender, jobs, out / "thieves_runs.jsonl", progress)
+            if run.defense in defenses and run.pool in pools and run.seed in seeds]
+    clones, extras = clone_cells(runs)
+    report = {"defenses": list(defenses), "pools": list(pools), "seeds": list(seeds),
+              "knobs": {name: defender.knobs.get(name) for name in defenses},
+              "mapping": defender.mapping.tolist(),
+              "gated_share": {pool: defender.gated_share(to_tensor(pool_images(pool)))
+                              for pool in (*pools, OWN_POOL)},
+              "clones": clones, "extras": extras, "best": best_per_pool(clones)}
+    (out / "thieves.json").write_text(json.dumps(report, indent=1))
+    (out / "thieves.md").write_text(thieves_markdown(report))
+    return report
+
+
+def thieves_markdown(report: dict) -> str:
+    """The best-thief goals table, each pool's thieves and the thieves' own figures."""
+    lines = [best_thief_markdown(report), "Clone accuracy (%, mean ± std over seeds "
+             f"{', '.join(map(str, report['seeds']))}) on the Fashion-MNIST test split:", ""]
+    for pool in report["pools"]:
+        lines += pool_table(report, pool, tuple(report["defenses"]))
+    lines += ["Share of each pool the feature gate treats as OOD: " + ", ".join(
+        f"{pool} {100 * share:.1f}%" for pool, share in report["gated_share"].items()), "",
+        "What the thieves saw (means over seeds):", "", "| defense, pool, thief | figures |",
+        "| --- | --- |"]
+    lines += [f"| {key.replace('|', ', ')} | " + ", ".join(f"{k} {v:.3g}" for k, v in row.items())
+              + " |" for key, row in report["extras"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def plot_study(report: dict, path: Path) -> None:
     """Clone accuracy per pool, soft and labels-only thieves, one bar per defense."""
     import matplotlib
@@ -775,6 +975,11 @@ def plot_study(report: dict, path: Path) -> None:
 def _study_command(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     folder = args.folder or cache_dir() / "eval"
+    if args.thieves:
+        report = run_thief_study(args.out, folder, tuple(args.defenses), tuple(args.pools),
+                                 seeds=tuple(args.seeds))
+        print(thieves_markdown(report))
+        return 0
     report = run_study(args.out, folder, quick=args.quick)
     print(goals_markdown(report) + "\n" + markdown(report))
     return 0
@@ -790,4 +995,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--thieves", action="store_true",
+                        help="only issue 23's thieves (best thief per pool) on --pools "
+                             "against --defenses, --seeds")
+    parser.add_argument("--defenses", nargs="+", default=["none", RECOMMENDED],
+                        choices=STUDY_DEFENSES)
+    parser.add_argument("--pools", nargs="+", default=list(THIEF_POOLS),
+                        choices=[*POOLS, *MIXED_POOLS])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.set_defaults(func=_study_command)
