@@ -69,6 +69,22 @@ def restrict(target: Target, model: nn.Module, layers: int) -> dict[str, Tensor]
     return {name: tensor for name, tensor in target.items() if name in kept}
 
 
+def moves_logits_alike(target: Target, model: nn.Module) -> bool:
+    """Does ``target`` lie only on ``model``'s head (its last ``nn.Linear``, the logits)
+    with the same direction for every class? Then every logit moves alike, each
+    log-probability stays put and the scores are zero up to rounding (``all_ones`` with
+    ``target_layers: 1``)."""
+    directed = {name for name, tensor in target.items() if bool(tensor.ne(0).any())}
+    try:
+        head, _ = last_linear(model)
+    except ValueError:
+        return False
+    head_names = {f"{head}.weight", f"{head}.bias"}
+    if not directed or not directed <= head_names:
+        return False
+    return all(bool((target[name] == target[name][:1]).all()) for name in directed)
+
+
 def random(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:
     """A seeded standard-Gaussian direction, identical on every machine (drawn on CPU)."""
     generator = torch.Generator().manual_seed(seed)

@@ -117,7 +117,8 @@ def test_target_layers_beyond_the_surrogate_name_the_key(surrogate, method):
         raw["ood_answer"] = "redirect"  # no key file to stage
     with raises_naming("defense.target_layers"):
         build_defense(raw, surrogate=surrogate)
-    built = build_defense({**raw, "target_layers": 1}, surrogate=surrogate)
+    built = build_defense({**raw, "target_layers": 1, "target": "random"},
+                          surrogate=surrogate)
     assert set(built.target) == {"4.weight", "4.bias"}
     assert built.target_layers == 1
     assert set(build_defense({**raw, "target_layers": 0}, surrogate=surrogate).target) == {
@@ -157,3 +158,21 @@ def test_release_free_memory_trims_on_glibc_and_is_a_no_op_elsewhere():
     from grad2.serve.loader import release_free_memory
 
     assert release_free_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("method", ["grad2", "grad2_gated"])
+def test_all_ones_on_the_head_alone_is_refused(surrogate, method):
+    """``all_ones`` on the head alone moves every logit alike: its scores are zero up to
+    rounding, so answers would follow rounding noise; the config is refused."""
+    x = torch.rand(6, 1, 6, 6)
+    head_only = targets.restrict(targets.all_ones(surrogate), surrogate, 1)
+    scores = redirection_scores(surrogate, x, head_only, "double_backward")
+    assert scores.abs().max() < 1e-5
+    raw = {"method": method, "target_layers": 1}
+    if method == "grad2_gated":
+        raw["ood_answer"] = "redirect"
+    with raises_naming("defense.target_layers"):
+        build_defense(raw, surrogate=surrogate)
+    with pytest.raises(ValueError, match="moves every logit alike"):
+        GRAD2(surrogate, 0.5, target_layers=1)
+    assert build_defense({**raw, "target_layers": 2}, surrogate=surrogate).target_layers == 2

@@ -148,7 +148,7 @@ class GatedGRAD2(GRAD2):
                 raise ConfigError("defense.mapping_key", "ood_answer permute needs a key file")
             mapping = gate.keyed_mapping(key, _output_size(surrogate))
         gate_tensors = files.get("gate_file")
-        cls.check_target_layers(params, surrogate)
+        cls.check_target_layers(params, surrogate, target)
         try:
             return cls(surrogate, params["epsilon"], params["epsilon_ood"],
                        params["gate_threshold"], params["gate_slope"], params["ood_answer"],

@@ -26,6 +26,11 @@ def _read_target(path: Path, surrogate: nn.Module | None) -> Target:
     return targets.load(path, surrogate)
 
 
+_ALIKE = ("the target is left only on the surrogate's head, with the same direction for "
+          "every class: it moves every logit alike, so the scores are zero; keep at least "
+          "2 layers (target_layers >= 2, or 0 for all)")
+
+
 class GRAD2(Redirection):
     """Gradient redirection: scores ``c = G t`` of a surrogate along target ``t``.
 
@@ -85,6 +90,8 @@ class GRAD2(Redirection):
         # one that has a direction run as a plain forward pass.
         self.target = nonzero_directions(
             targets.restrict(direction, surrogate, self.target_layers))
+        if targets.moves_logits_alike(self.target, surrogate):
+            raise ValueError(_ALIKE)
         if score_method not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score_method!r}; "
                              f"known: {', '.join(SCORE_METHODS)}")
@@ -98,14 +105,21 @@ class GRAD2(Redirection):
             raise ConfigError("defense.target_file", "only used with target: file; remove it")
 
     @staticmethod
-    def check_target_layers(params: Mapping[str, Any], surrogate: nn.Module) -> None:
-        """Refuse a ``target_layers`` beyond the surrogate's parameterised layers
-        (:class:`ConfigError` naming ``target_layers``)."""
+    def check_target_layers(params: Mapping[str, Any], surrogate: nn.Module,
+                            target: str | Target) -> None:
+        """Refuse a ``target_layers`` beyond the surrogate's parameterised layers, or one
+        that leaves ``target`` only on the head with the same direction for every class
+        (zero scores) (:class:`ConfigError` naming ``target_layers``)."""
+        layers = params["target_layers"]
         count = len(targets.layer_groups(surrogate))
-        if params["target_layers"] > count:
+        if layers > count:
             raise ConfigError("defense.target_layers",
                               f"the surrogate has {count} parameterised layers; got "
-                              f"{params['target_layers']} (0 means all)")
+                              f"{layers} (0 means all)")
+        direction = targets.all_ones(surrogate) if isinstance(target, str) else target
+        if layers and targets.moves_logits_alike(
+                targets.restrict(direction, surrogate, layers), surrogate):
+            raise ConfigError("defense.target_layers", _ALIKE)
 
     @staticmethod
     def config_target(params: Mapping[str, Any], surrogate: nn.Module,
@@ -129,7 +143,7 @@ class GRAD2(Redirection):
     @classmethod
     def from_config(cls, params, surrogate, files) -> GRAD2:
         target = cls.config_target(params, surrogate, files)
-        cls.check_target_layers(params, surrogate)
+        cls.check_target_layers(params, surrogate, target)
         try:
             return cls(surrogate, params["epsilon"], target, params["scores"],
                        params["preserve_top1"], params["target_layers"])
