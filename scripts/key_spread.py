@@ -8,7 +8,8 @@
 ``plain``: keys ``SHA-256("key spread i")`` (the plain draw), ``selected``: keys drawn by
 ``grad2 keygen``'s selection (:func:`grad2.tools.keys.select_key`) against the study's
 victim on defender-chosen images, from a seeded key source; ``floor``: one key over
-several clone seeds (the clone-seed noise). Every clone's accuracy is cached in
+several clone seeds (the clone-seed noise); ``landing``: where gated answers land, the
+thief's pool against the defender's OOD images (analysis only). Every clone's accuracy is cached in
 GRAD2_CACHE/eval/key_spread.json with the defender-side criteria of its mapping, so reruns
 only add what is missing; ``--table`` prints the cached rows as markdown.
 """
@@ -27,7 +28,7 @@ import torch
 from grad2 import gate
 from grad2.defenses import GatedGRAD2
 from grad2.lab import ood
-from grad2.lab.data import cache_dir, to_tensor
+from grad2.lab.data import FASHION_CLASSES, cache_dir, to_tensor
 from grad2.lab.evaluate import Lab, apply_defense
 from grad2.tools import keys
 from grad2.tools.progress import progress_bar
@@ -110,14 +111,44 @@ class Measure:
         return row[cell]
 
 
+def mapping_of(name: str) -> torch.Tensor:
+    """The mapping ``[K]`` a cache row is named by (its digits, K <= 10)."""
+    return torch.tensor([int(c) for c in name])
+
+
+def rank_correlation(first: list[float], second: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (ties broken by order)."""
+    ranks = [np.argsort(np.argsort(values)) for values in (first, second)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def summary(values: list[float]) -> str:
     array = np.array(values)
     return (f"mean {array.mean():.1f}, min {array.min():.1f}, max {array.max():.1f}, "
             f"spread {array.max() - array.min():.1f}")
 
 
+def landing(measure: Measure) -> None:
+    """Print where the gated answers land, by class: the thief's pool (analysis only, never
+    used by the criterion) against the defender's own OOD images."""
+    def shares(probs: torch.Tensor, weights: torch.Tensor) -> list[float]:
+        mass = torch.zeros(probs.shape[1], dtype=torch.float64).index_add_(
+            0, probs.argmax(1), weights.double())
+        return (100 * mass / mass.sum()).tolist()
+
+    pool = shares(measure.clean, measure.gate_weights(measure.inputs, measure.clean))
+    scorer = measure.scorer
+    own = shares(scorer.ood_probs, scorer.ood_moved)
+    print("class | Animal-MNIST pool, gated % | defender OOD images, gated %")
+    for name, thief, defender in zip(FASHION_CLASSES, pool, own, strict=True):
+        print(f"{name} | {thief:.1f} | {defender:.1f}")
+
+
 def run(args: argparse.Namespace) -> None:
     measure = Measure(cache_dir() / "eval" / "key_spread.json")
+    if args.what == "landing":
+        landing(measure)
+        return
     if args.what == "plain":
         mappings = [gate.keyed_mapping(plain_key(i), 10) for i in range(args.keys)]
     elif args.what == "selected":
@@ -137,16 +168,21 @@ def run(args: argparse.Namespace) -> None:
         undefended = np.mean(by_mapping.pop("none"))
         print(f"{args.what} {clone} (undefended {undefended:.1f}):")
         for name, values in by_mapping.items():
-            criteria = measure.scorer.criteria(torch.tensor([int(c) for c in name]))
+            criteria = measure.scorer.criteria(mapping_of(name))
             shown = ", ".join(f"{k} {v:.3f}" for k, v in criteria.items())
             print(f"  σ={name}: {', '.join(f'{v:.1f}' for v in values)} | {shown}")
         means = [float(np.mean(v)) for v in by_mapping.values()]
         print(f"  {summary(means)}; effect mean {undefended - np.mean(means):.1f}")
+        if len(means) >= 4:
+            table = [measure.scorer.criteria(mapping_of(name)) for name in by_mapping]
+            print("  rank correlation of clone accuracy with: " + ", ".join(
+                f"{k} {rank_correlation([c[k] for c in table], means):+.2f}"
+                for k in table[0]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("plain", "selected", "floor"))
+    parser.add_argument("what", choices=("plain", "selected", "floor", "landing"))
     parser.add_argument("--keys", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--clones", nargs="+", default=list(CLONES), choices=list(CLONES))

@@ -110,7 +110,7 @@ def selected_key(archive: Path, images: Path, validation: Path,
         gate_weights = getattr(served.defense, "gate_weights", None)
         scorer = keys.MappingScorer.fit(served.victim, pixels(images), pixels(validation),
                                         gate_weights)
-    return keys.select_key(scorer)
+    return keys.select_key(scorer, progress=progress)
 
 
 def _keygen_command(args: argparse.Namespace) -> int:

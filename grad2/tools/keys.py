@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from grad2 import gate
+from grad2.tools.progress import progress_bar
 
 #: Reference mappings whose scores set the pass threshold (public, seeded draws).
 CALIBRATION_MAPPINGS = 64
@@ -231,23 +232,25 @@ def reference_mappings(num_classes: int, count: int = CALIBRATION_MAPPINGS) -> l
 
 
 def pass_threshold(scorer: MappingScorer, count: int = CALIBRATION_MAPPINGS,
-                   quantile: float = PASS_QUANTILE) -> float:
+                   quantile: float = PASS_QUANTILE, progress: bool = False) -> float:
     """The score at or below which a mapping passes: the ``quantile`` of the scores of
     :func:`reference_mappings`."""
-    scores = torch.tensor([scorer.score(m) for m in reference_mappings(scorer.num_classes,
-                                                                      count)])
+    mappings = reference_mappings(scorer.num_classes, count)
+    scores = torch.tensor([scorer.score(m) for m in progress_bar(
+        mappings, desc="reference mappings", disable=not progress, leave=False)])
     return float(torch.quantile(scores.double(), quantile))
 
 
 def select_key(scorer: MappingScorer, source: Callable[[], str] = gate.new_key,
                threshold: float | None = None,
-               max_draws: int = MAX_DRAWS) -> tuple[bytes, dict[str, float | int]]:
+               max_draws: int = MAX_DRAWS,
+               progress: bool = False) -> tuple[bytes, dict[str, float | int]]:
     """The first key from ``source`` (hex strings, default :func:`gate.new_key`) whose
     mapping scores at or below ``threshold`` (default :func:`pass_threshold`), with what
     was found: ``{"score", "threshold", "draws"}``. Raises ``RuntimeError`` after
     ``max_draws`` failing keys."""
     if threshold is None:
-        threshold = pass_threshold(scorer)
+        threshold = pass_threshold(scorer, progress=progress)
     for draw in range(1, max_draws + 1):
         key = bytes.fromhex(source())
         score = scorer.score(gate.keyed_mapping(key, scorer.num_classes))
