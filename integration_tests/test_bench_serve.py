@@ -34,6 +34,10 @@ def test_bench_serve_times_plain_grad2_gated_and_the_floor(tmp_path: Path) -> No
             for memory in (measured["memory_after_warmup"], measured["memory_at_end"]):
                 assert memory["workers"] == 1 and 0 < memory["uss_mb"] <= memory["rss_mb"]
                 assert memory["batch_size"] == level["concurrency"]  # as served
+        for model in models[:3]:  # the handler's own metrics, from TorchServe's log
+            times = level[model]["worker_times"]
+            assert times["batches"] >= 1 and times["handler_ms"] >= times["defense_ms"] > 0
+        assert level["torchserve_floor"]["worker_times"] is None  # it logs none
         assert set(level["ratios"]) == set(models[1:])
         assert all(ratio["throughput"] > 0 for ratio in level["ratios"].values())
         (gated,) = level["gated_over_grad2"].values()

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -383,14 +384,39 @@ def worker_memory_mb(server: TorchServeServer, model: str) -> dict[str, float]:
             "batch_size": response.json()[0].get("batchSize")}
 
 
+#: A worker's per-batch metric line in TorchServe's log (the handler's ``emit``).
+METRIC_LINE = re.compile(r"\[METRICS\](HandlerTime|DefenseTime)\.Milliseconds:([0-9.e+-]+)"
+                         r"\|#ModelName:([\w.-]+)[,|]")
+
+
+def worker_times(log: Path, offset: int) -> dict[str, dict[str, float]]:
+    """``model -> {handler_ms, defense_ms, batches}``: medians per batch of the handler's
+    own ``HandlerTime`` and ``DefenseTime`` metrics logged after byte ``offset`` of
+    TorchServe's ``ts_log.log`` (each line counted once)."""
+    if not log.is_file():
+        return {}
+    with log.open("rb") as stream:
+        stream.seek(offset)
+        text = stream.read().decode(errors="replace")
+    values: dict[str, dict[str, list[float]]] = {}
+    for line in dict.fromkeys(text.splitlines()):
+        match = METRIC_LINE.search(line)
+        if match:
+            metric, value, model = match.groups()
+            values.setdefault(model, {}).setdefault(metric, []).append(float(value))
+    return {model: {"handler_ms": statistics.median(found.get("HandlerTime", [0.0])),
+                    "defense_ms": statistics.median(found.get("DefenseTime", [0.0])),
+                    "batches": len(found.get("HandlerTime", []))}
+            for model, found in values.items()}
+
+
 def measure_level(folder: Path, store: Path, models: Sequence[str], concurrency: int,
                   images: Sequence[bytes], requests_per_round: int, rounds: int, warmup: int,
-                  progress: bool) -> tuple[list[Round], dict, dict, list[float]]:
+                  progress: bool) -> tuple[list[Round], dict, dict, dict]:
     """Serve every archive, warm up, then time ``rounds`` rounds of each model, the order
     reversed every other round. Returns the rounds, worker memory after the warm-up and
-    at the end, and the load average before and after."""
+    at the end, and the workers' own times per batch (:func:`worker_times`)."""
     workdir = folder / f"server_c{concurrency}"
-    load = [os.getloadavg()[0]]
     server = start_server(store, [f"{m}={m}.mar" for m in models], workdir=workdir,
                           ports=Ports.free(), timeout=1800)
     try:
@@ -400,6 +426,8 @@ def measure_level(folder: Path, store: Path, models: Sequence[str], concurrency:
                                   unit="model", disable=not progress, leave=False):
             burst(urls[model], token, images, warmup, concurrency)
         memory_warm = {m: worker_memory_mb(server, m) for m in models}
+        log = workdir / "logs" / "ts_log.log"
+        offset = log.stat().st_size if log.is_file() else 0
         timed: list[Round] = []
         schedule = [(r, m) for r in range(rounds)
                     for m in (models if r % 2 == 0 else list(models)[::-1])]
@@ -410,10 +438,10 @@ def measure_level(folder: Path, store: Path, models: Sequence[str], concurrency:
             timed.append(Round(model, concurrency, requests_per_round, seconds, cpu,
                                statuses, latencies))
         memory_end = {m: worker_memory_mb(server, m) for m in models}
+        times = worker_times(log, offset)
     finally:
         stop_server(workdir)
-    load.append(os.getloadavg()[0])
-    return timed, memory_warm, memory_end, load
+    return timed, memory_warm, memory_end, times
 
 
 def paired_ratios(base: Sequence[Round], other: Sequence[Round]) -> dict[str, float]:
@@ -438,9 +466,11 @@ def gated_pairs(variants: Sequence[Variant]) -> dict[str, tuple[str, str]]:
 
 def summarise(timed: Sequence[Round], models: Sequence[str], concurrency: int,
               memory_warm: Mapping, memory_end: Mapping,
-              pairs: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Medians over rounds per model; each model / plain ratio measured in the same round
-    (``ratios``) and ``grad2_gated`` / ``grad2`` per surrogate (``gated_over_grad2``)."""
+              pairs: Mapping[str, tuple[str, str]] | None = None,
+              worker: Mapping[str, dict] | None = None) -> dict[str, Any]:
+    """Medians over rounds per model (with the ``worker``'s own times per batch); each
+    model / plain ratio measured in the same round (``ratios``) and ``grad2_gated`` /
+    ``grad2`` per surrogate (``gated_over_grad2``)."""
     by_model = {m: [r for r in timed if r.model == m] for m in models}
     summary: dict[str, Any] = {"concurrency": concurrency, "batch_size": concurrency}
     for model, rounds in by_model.items():
@@ -456,6 +486,7 @@ def summarise(timed: Sequence[Round], models: Sequence[str], concurrency: int,
             "statuses": statuses,
             "memory_after_warmup": memory_warm[model],
             "memory_at_end": memory_end[model],
+            "worker_times": (worker or {}).get(model),
             "rounds": [{k: v for k, v in asdict(r).items() if k != "latencies_ms"}
                        | {"p50_ms": r.latency(0.5), "p99_ms": r.latency(0.99)} for r in rounds],
         }
@@ -511,6 +542,13 @@ def goals(levels: Sequence[dict[str, Any]], case: str, variants: Mapping[str, di
     return rows
 
 
+def worker_cell(times: Mapping[str, float] | None) -> str:
+    """``handler / defense`` ms per batch, or a dash where the worker logged none."""
+    if not times:
+        return "—"
+    return f"{times['handler_ms']:.1f} / {times['defense_ms']:.1f}"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The Markdown report: the table of every model at every level, ``grad2_gated`` /
     ``grad2``, and the goals."""
@@ -522,8 +560,9 @@ def format_report(result: dict[str, Any]) -> str:
         + f", {result['wall_time_s']:.0f} s, load average {meta['load_average_start']:.1f} → "
         f"{meta['load_average_end']:.1f} on {meta['cpus']} CPUs", "",
         "| concurrency (= batchSize) | model | req/s | × plain | p50 / p99 ms | p99 × plain "
-        "| worker RSS MB, warm / end | RSS − plain, warm / end (allowed) | client CPU share |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| worker ms per batch: handler / defense | worker RSS MB, warm / end "
+        "| RSS − plain, warm / end (allowed) | client CPU share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for level in result["levels"]:
         for model in result["models"]:
@@ -541,6 +580,7 @@ def format_report(result: dict[str, Any]) -> str:
                 + ("—" if ratios is None else f"{ratios['throughput']:.2f}×")
                 + f" | {measured['p50_ms']:.1f} / {measured['p99_ms']:.1f} | "
                 + ("—" if ratios is None else f"{ratios['p99']:.2f}×")
+                + f" | {worker_cell(measured.get('worker_times'))}"
                 + f" | {measured['memory_after_warmup']['rss_mb']:.0f} / "
                 f"{measured['memory_at_end']['rss_mb']:.0f} | {growth}{allowed} | "
                 f"{measured['client_cpu_share']:.2f} |")
@@ -675,11 +715,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 store = (first if concurrency == args.concurrency[0]
                          else rebatched_store(first, concurrency))
                 warmup = args.warmup or max(2 * concurrency, case["warmup"])
-                timed, warm, end, _ = measure_level(
+                timed, warm, end, worker = measure_level(
                     folder, store, models, concurrency, images, requests_per_round,
                     args.rounds, warmup, not args.no_progress)
                 levels.append(summarise(timed, models, concurrency, warm, end,
-                                        gated_pairs(variants)))
+                                        gated_pairs(variants), worker))
     finally:
         torch.set_num_threads(threads)
     described = {v.name: {"method": v.method, "surrogate": v.surrogate,
