@@ -977,7 +977,7 @@ def _study_command(args: argparse.Namespace) -> int:
     folder = args.folder or cache_dir() / "eval"
     if args.thieves:
         report = run_thief_study(args.out, folder, tuple(args.defenses), tuple(args.pools),
-                                 seeds=tuple(args.seeds))
+                                 tuple(args.trained), tuple(args.seeds))
         print(thieves_markdown(report))
         return 0
     report = run_study(args.out, folder, quick=args.quick)
@@ -1003,4 +1003,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pools", nargs="+", default=list(THIEF_POOLS),
                         choices=[*POOLS, *MIXED_POOLS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--trained", nargs="+", default=[*MAIN_THIEVES, *ANSWER_THIEVES],
+                        choices=[*MAIN_THIEVES, *ANSWER_THIEVES],
+                        help="with --thieves: the thieves to train (prior and fixer come "
+                             "with soft)")
     parser.set_defaults(func=_study_command)
