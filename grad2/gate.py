@@ -180,7 +180,12 @@ def feature_score(features: Tensor, gate_tensors: dict[str, Tensor],
                   class_terms: Tensor | None = None) -> Tensor:
     """``[B]`` in-distribution score: minus the smallest Mahalanobis distance of
     ``features [B, D]`` to a class mean (low = likely OOD). ``class_terms``: the gate's
-    :func:`mean_terms`, computed once (the bits this computes when it is ``None``)."""
+    :func:`mean_terms`, computed once (the bits this computes when it is ``None``). A lone
+    row gets the bits it gets as a pair with itself, like every other row."""
+    if features.shape[0] == 1:
+        # A one-row product runs MKL's matrix-vector kernel, which rounds otherwise than
+        # the matrix product of any larger batch.
+        return feature_score(torch.cat([features, features]), gate_tensors, class_terms)[:1]
     means = gate_tensors["means"].to(features)
     precision = gate_tensors["precision"].to(features)
     projected = features @ precision  # [B, D]

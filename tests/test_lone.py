@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grad2 import targets
+from grad2 import gate, targets
 from grad2.batching import module_lone_plan, run_lone
-from grad2.defenses import GRAD2
-from grad2.models import build_model, set_memory_format
+from grad2.defenses import GRAD2, GatedGRAD2
+from grad2.models import build_model, penultimate, set_memory_format
 from grad2.scores import _folded, _program, redirection_scores
 
 torch.set_num_threads(1)
@@ -82,3 +82,27 @@ def test_defense_answers_a_lone_query_alone_with_the_pairs_bits() -> None:
             alone = defense(x[index:index + 1], probs[index:index + 1])
             paired = defense(x[[index, index]], probs[[index, index]])[:1]
             assert torch.equal(alone, paired)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "mobilenet_v3_small"])
+def test_gated_defense_answers_a_lone_query_alone_with_the_pairs_bits(name: str) -> None:
+    model, shape = network(name, "channels_last")
+    generator = torch.Generator().manual_seed(2)
+    reference = torch.randn(64, *shape, generator=generator).contiguous(
+        memory_format=torch.channels_last)
+    features = penultimate(model, reference)
+    gate_tensors = gate.fit_feature_gate(features, torch.arange(64) % 10, 10)
+    threshold = float(gate.feature_score(features, gate_tensors).median())
+    defense = GatedGRAD2(model, 0.2, 2.0, threshold, 0.05, "permute",
+                         gate.keyed_mapping(b"k" * 32, 10), gate_tensors=gate_tensors)
+    x, probs = reference[:8], torch.softmax(torch.randn(8, 10, generator=generator), dim=1)
+    with torch.enable_grad():
+        defense.plan_batches(x, probs, 4)
+        # The gate's score of a lone row (a matrix-vector product) has its pair's bits, so
+        # a lone query is answered alone rather than as a pair with itself.
+        assert defense.lone
+        for index in range(3):
+            row, pair = [index], [index, index]
+            assert torch.equal(defense.network_rows(x[row], probs[row]),
+                               defense.network_rows(x[pair], probs[pair])[:1])
+            assert torch.equal(defense(x[row], probs[row]), defense(x[pair], probs[pair])[:1])
