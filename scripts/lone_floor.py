@@ -17,9 +17,8 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from gated_cost import defenses
+from torch.profiler import ProfilerActivity, profile
 
 
 def wall_ms(fn, repeats: int) -> float:

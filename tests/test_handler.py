@@ -297,6 +297,28 @@ def test_batch_of_mixed_requests_each_gets_its_own_answer(
         assert context.status(index) == 200
 
 
+def test_freed_memory_goes_back_at_most_once_per_interval(
+    handler_class: type, model_dir: Path, keep_threads: None,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grad2.serve import pipeline
+
+    handler, context = make_handler(handler_class, model_dir, model_config())
+    calls: list[float] = []
+    monkeypatch.setattr(loader, "release_free_memory", lambda: calls.append(1) or True)
+    clock = [1000.0]
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: clock[0])
+    handler.pipeline._released = clock[0] - pipeline.RELEASE_INTERVAL_S  # due now
+    image = png_bytes(4)
+    answers = []
+    for step in (0.0, 0.3, 0.5, 0.3):  # batches at 0, 0.3, 0.8 and 1.1 s
+        clock[0] += step
+        context.request_headers = [{}]
+        answers.append(handler.handle([{"body": bytearray(image)}], context)[0])
+    assert len(calls) == 2  # at 0 s and 1.1 s, not in between
+    assert all(answer == answers[0] for answer in answers)  # answers do not depend on it
+
+
 def test_answer_is_bit_identical_alone_and_in_a_batch(
     handler_class: type, model_dir: Path, keep_threads: None
 ) -> None:

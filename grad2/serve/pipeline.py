@@ -32,6 +32,10 @@ DEFENSE_FAILED = "the defense could not run on this batch; no answer is given (f
 MODEL_FAILED = "the model could not run on this batch; no answer is given"
 UNDECODABLE = "request could not be decoded"
 
+#: Least seconds between two hand-backs of freed memory to the system after a batch
+#: (:func:`grad2.serve.loader.release_free_memory`, a few ms on an ImageNet-sized heap).
+RELEASE_INTERVAL_S = 1.0
+
 
 class Emit(Protocol):
     """Where a runtime sends one metric value (declared in ``templates/metrics.yaml``)."""
@@ -68,6 +72,7 @@ class Pipeline:
         self.model_name = model_name
         self.model_version = model_version
         self.emit = emit
+        self._released = time.monotonic()
 
     def decode(self, row: Mapping[str, Any],
                content_type: str | Callable[[str], str | None] | None = None
@@ -147,7 +152,20 @@ class Pipeline:
             answered = [Reply.refusal(503, MODEL_FAILED)] * len(pending)
         for (index, _), reply in zip(pending, answered):
             replies[index] = reply
+        self.release_memory()
         return replies
+
+    def release_memory(self) -> bool:
+        """Hand the memory the batches freed back to the system, at most once every
+        :data:`RELEASE_INTERVAL_S`; returns whether it ran. glibc keeps what a batch's
+        activations and tangents freed (at 224 px and batch 16, about the batch's working
+        set); a worker that gives it back stays at its steady size between batches
+        (docs/performance.md, "The working set at c = 16")."""
+        now = time.monotonic()
+        if now - self._released < RELEASE_INTERVAL_S:
+            return False
+        self._released = now
+        return loader.release_free_memory()
 
     def answer(
         self,
