@@ -240,3 +240,27 @@ def test_the_thiefs_copy_of_the_defense_has_its_own_surrogate_key_and_gate() -> 
     # A secret target file the thief cannot make up: no copy.
     assert thief_defense({"method": "grad2", "epsilon": 0.5, "target_file": "t.pt"}, 0.1, own,
                          inputs, answers, 0) is None
+
+
+def test_own_thieves_train_on_what_each_thief_has() -> None:
+    from grad2.lab.archive_eval import OWN_THIEVES, own_thieves
+    from grad2.models import build_model
+
+    torch.manual_seed(0)
+    soft = build_model("small_cnn", num_classes=10, in_channels=1).eval()
+    inputs, own_inputs = torch.randn(48, 1, 28, 28), torch.randn(12, 1, 28, 28)
+    answers = torch.softmax(torch.randn(48, 10), 1)
+    own_answers = torch.softmax(torch.randn(12, 10), 1)
+    calls: list[tuple[int, bool, int | None]] = []
+
+    def fit(x, targets, seed, hard=False, steps_of=None):
+        assert len(x) == len(targets)
+        calls.append((len(x), hard, steps_of))
+        return soft
+
+    clones = own_thieves(fit, soft, inputs, answers, own_inputs, own_answers,
+                         {"method": "grad2", "epsilon": 0.5}, 0.5, seed=0)
+    assert set(clones) == set(OWN_THIEVES)
+    assert calls[0] == (60, False, None) and calls[1] == (60, True, None)  # mixed pool
+    # The own-only thief: its 12 own answers alone, as many steps as a 48-query clone.
+    assert calls[2] == (12, False, 48)

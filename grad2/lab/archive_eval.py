@@ -1,18 +1,20 @@
 """``grad2 evaluate --archive A.mar --pool DIR --test DIR``: what a thief gets from a served
 model version, on the user's own images.
 
-The archive is the source of truth (victim, input section, class names, defense). For
-each budget of a small grid the archive's defense is rebuilt at that ``epsilon``; the
-defender's accuracy on the labelled ``--test`` folder is measured through the worker's
-own decoder, victim and defense (streamed), and simulated thieves train a clone on the
+The archive is the source of truth (victim, input section, class names, defense). For each
+budget of a small grid the archive's defense is rebuilt at that ``epsilon``; the
+defender's accuracy on the labelled ``--test`` folder is measured through the worker's own
+decoder, victim and defense (streamed), and simulated thieves train a clone on the
 defended answers to images of ``--pool`` (any folder of images): a soft-label thief and a
 labels-only thief. With ``--own DIR`` (a few hundred images of the victim's own kind the
 thief owns, answered by the same API) come issue 23's thieves that read the answers
 (:mod:`grad2.lab.thieves`): the mixed thief (pool plus own queries, soft and labels-only),
-the post-hoc fixer, the mapping-recovery thief and the answer filter (its detector learns
-altered answers from its own run of the public defense code: the archive's ``defense:``
-section with its own clone as surrogate, its own key and gate). The table shows the best
-thief of each budget. Writes ``evaluate.json``, ``evaluate.md`` and ``evaluate.png``.
+the own-only thief (its own queries' answers alone, trained as many steps as a pool
+clone), the post-hoc fixer, the mapping-recovery thief and the answer filter (its detector
+learns altered answers from its own run of the public defense code: the archive's
+``defense:`` section with its own clone as surrogate, its own key and gate). The table
+shows the best thief of each budget. Writes ``evaluate.json``, ``evaluate.md`` and
+``evaluate.png``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from grad2.tools.images import open_images
 #: Thieves trained at every budget: name -> train on the top-1 label only?
 THIEVES = {"soft": False, "labels_only": True}
 #: Thieves that need the thief's own in-distribution images (``own``).
-OWN_THIEVES = ("mixed_soft", "mixed_labels", "fixer", "mapping", "filter")
+OWN_THIEVES = ("mixed_soft", "mixed_labels", "own_only", "fixer", "mapping", "filter")
 #: Share of the thief's own in-distribution images its copy of a feature gate flags.
 OWN_GATE_SHARE = 0.02
 
@@ -104,8 +106,11 @@ def evaluate_archive(
             answers = _answer(defense, pool_inputs, pool_clean)
             l1 = float((answers - pool_clean).abs().sum(1).mean())
 
-            def fit(inputs, targets, seed, hard=False):
-                return train_clone(inputs, targets, arch=arch, epochs=epochs, seed=seed,
+            def fit(inputs, targets, seed, hard=False, steps_of=None):
+                # ``steps_of``: train as many SGD steps as a clone of that many queries.
+                scaled = epochs if steps_of is None else max(
+                    epochs, round(epochs * steps_of / len(inputs)))
+                return train_clone(inputs, targets, arch=arch, epochs=scaled, seed=seed,
                                    hard_labels=hard, progress=progress, fill=fill)
 
             for seed in range(seeds):
@@ -157,13 +162,16 @@ def own_thieves(fit, soft: torch.nn.Module, inputs: torch.Tensor, answers: torch
                 defense_section: Mapping[str, Any], epsilon: float,
                 seed: int) -> dict[str, torch.nn.Module]:
     """The clones of :data:`OWN_THIEVES` (those it can build): ``fit(inputs, targets,
-    seed, hard)`` trains one; ``soft`` is the soft thief's clone of the API's ``answers
-    [N, K]`` to ``inputs``; ``own_answers [M, K]`` the API's answers to the thief's own
-    in-distribution ``own_inputs``."""
+    seed, hard, steps_of)`` trains one (``steps_of``: as many SGD steps as a clone of that
+    many queries); ``soft`` is the soft thief's clone of the API's ``answers [N, K]`` to
+    ``inputs``; ``own_answers [M, K]`` the API's answers to the thief's own
+    in-distribution ``own_inputs``. ``own_only`` trains on those answers alone, as long as
+    the pool's clones: what a thief keeps whatever the defense does to its other queries."""
     mixed_inputs = torch.cat([inputs, own_inputs])
     mixed_answers = torch.cat([answers, own_answers])
     clones = {"mixed_soft": fit(mixed_inputs, mixed_answers, seed),
               "mixed_labels": fit(mixed_inputs, mixed_answers, seed, True),
+              "own_only": fit(own_inputs, own_answers, seed, steps_of=len(inputs)),
               "fixer": thieves.RelabelledClone(
                   soft, thieves.fixer_relabelling(soft, own_inputs, own_answers))}
     relabelling = thieves.estimate_relabelling(soft, own_inputs, own_answers)
