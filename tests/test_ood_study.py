@@ -109,4 +109,4 @@ def test_best_thief_per_pool_is_the_maximum_over_thieves():
     assert best[ood.RECOMMENDED]["animal"] == {"thief": "fixer", "mean": 0.55}
     report = {"clones": clones, "best": best}
     table = ood.best_thief_markdown(report)
-    assert "| animal | 58.0 | fixer 60.0 | fixer 55.0 | +3.0 | −15 | no |" in table
+    assert "| animal | 58.0 | fixer 60.0 | fixer 55.0 | +3.0 | −15 | no | +5.0 |" in table

@@ -891,8 +891,8 @@ def best_thief_markdown(report: dict, name: str = RECOMMENDED) -> str:
     """Per pool: the undefended soft clone, the best thief against ``none`` and against
     ``name``, and the points the defense takes from the best thief (issue 23's goals)."""
     lines = ["| pool | undefended soft | best thief, undefended | best thief, "
-             f"{name} | points removed vs undefended soft | goal | met |",
-             "| --- " * 7 + "|"]
+             f"{name} | points removed vs undefended soft | goal | met | points removed "
+             "vs the best undefended thief |", "| --- " * 8 + "|"]
     for pool, goal in BEST_THIEF_GOALS.items():
         soft = report["clones"].get(f"none|{pool}|soft")
         plain = report["best"].get("none", {}).get(pool)
@@ -901,9 +901,10 @@ def best_thief_markdown(report: dict, name: str = RECOMMENDED) -> str:
             continue
         removed = 100 * (soft["mean"] - defended["mean"])
         plain_cell = f"{plain['thief']} {100 * plain['mean']:.1f}" if plain else "–"
+        best_removed = f"{100 * (plain['mean'] - defended['mean']):+.1f}" if plain else "–"
         lines.append(f"| {pool} | {100 * soft['mean']:.1f} | {plain_cell} | "
                      f"{defended['thief']} {100 * defended['mean']:.1f} | {removed:+.1f} | "
-                     f"−{goal:g} | {'yes' if removed >= goal else 'no'} |")
+                     f"−{goal:g} | {'yes' if removed >= goal else 'no'} | {best_removed} |")
     return "\n".join(lines) + "\n"
 
 
