@@ -22,6 +22,7 @@ import torch
 
 from grad2.defenses import GRAD2
 from grad2.models import build_model, set_memory_format
+from grad2.serve.loader import release_free_memory
 
 LIBC = ctypes.CDLL("libc.so.6")
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
@@ -72,7 +73,7 @@ def main() -> None:
         probs = torch.softmax(victim(x[:2]), dim=1)
     with torch.enable_grad():
         defense(x[:2], probs)  # folding, program: the defense's fixed memory
-    LIBC.malloc_trim(0)
+    release_free_memory()
     print(f"victim {args.victim}, surrogate {args.surrogate}, batch {args.batch} x "
           f"{args.batches}, mmap threshold {args.mmap_threshold or 'dynamic (default)'}\n")
     print("| phase | ms per batch | trim ms | RSS before | peak | RSS after | after malloc_trim |")
@@ -89,11 +90,11 @@ def main() -> None:
                     defense(x, probs)
             if args.trim_each:
                 started = time.perf_counter()
-                LIBC.malloc_trim(0)
+                release_free_memory()
                 trim_s += time.perf_counter() - started
         elapsed = (time.perf_counter() - start) / args.batches * 1e3
         peak, after = status_mb("VmHWM"), rss()
-        LIBC.malloc_trim(0)
+        release_free_memory()
         trim_ms = f"{trim_s / args.batches * 1e3:.1f}" if args.trim_each else "–"
         print(f"| {phase} | {elapsed:.0f} | {trim_ms} | {before:.0f} | {peak:.0f} | {after:.0f} | "
               f"{rss():.0f} |", flush=True)

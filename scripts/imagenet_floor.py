@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from lone_floor import operator_ms
 
 from grad2.defenses import GRAD2
 from grad2.models import build_model, set_memory_format
@@ -32,14 +32,6 @@ def wall_ms(fn, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def operator_ms(fn) -> float:
-    """Self CPU time of every ``aten::`` operator in one call."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(event.self_cpu_time_total for event in prof.key_averages()
-               if event.key.startswith("aten::")) / 1e3
 
 
 def network(arch: str) -> torch.nn.Module:
@@ -73,7 +65,7 @@ def main() -> None:
             forward = wall_ms(lambda surrogate=surrogate: surrogate(x), args.repeats)
         with torch.enable_grad():
             wall = wall_ms(defended, args.repeats)
-            operators = operator_ms(defended)
+            operators = operator_ms(defended, 1)
         share = operators / victim_ms
         print(f"| {arch.removeprefix('torchvision:')} | {forward:.0f} | {wall:.0f} | "
               f"{operators:.0f} | {wall / forward:.1f} | {share:.3f} | {1 / (1 + share):.2f} |",

@@ -24,23 +24,12 @@ import torch
 
 from grad2.lab import ood
 from grad2.lab.data import cache_dir
-from grad2.lab.evaluate import Lab, collapsed
-from grad2.lab.train import train_clone
+from grad2.lab.evaluate import Lab
+from grad2.lab.train import step_matched_epochs
 from grad2.tools.progress import progress_bar
 
 PART = "fashion_extra"
 ARCHES = ("small_cnn", ood.MISMATCH_ARCH)
-
-
-def fit(inputs: torch.Tensor, answers: torch.Tensor, seed: int, arch: str, labels: bool
-        ) -> torch.nn.Module:
-    """A clone with the SGD steps of a :data:`grad2.lab.ood.QUERIES`-query clone."""
-    epochs = round(ood.CLONE_EPOCHS * ood.QUERIES / len(inputs))
-    options = dict(arch=arch, epochs=epochs, seed=seed, hard_labels=labels, progress=False)
-    clone = train_clone(inputs, answers, **options)
-    if collapsed(clone, inputs, answers):
-        clone = train_clone(inputs, answers, lr=0.01, **options)
-    return clone
 
 
 def main() -> None:
@@ -57,7 +46,8 @@ def main() -> None:
         inputs, _, answers = defender.answers(name, PART)
         accuracies = []
         for seed in args.seeds:
-            clone = fit(inputs, answers, seed, arch, labels)
+            epochs = step_matched_epochs(ood.CLONE_EPOCHS, ood.QUERIES, len(inputs))
+            clone, _ = ood.fit_clone(inputs, answers, seed, arch, labels, epochs)
             accuracies.append(100 * ood.clone_accuracy(clone, lab)[0])
         row = {"defense": name, "arch": arch, "thief": "labels" if labels else "soft",
                "queries": len(inputs), "mean": round(statistics.mean(accuracies), 2),

@@ -35,7 +35,7 @@ from grad2.config import ConfigError
 from grad2.defenses import Defense, build_defense, takes
 from grad2.lab import thieves
 from grad2.lab.families import QUICK_EPSILONS, SHORT_EPSILONS
-from grad2.lab.train import CLONE_EPOCHS, padding_fill, train_clone
+from grad2.lab.train import CLONE_EPOCHS, padding_fill, step_matched_epochs, train_clone
 from grad2.models import model_spec, penultimate, predict_probs
 from grad2.serve import clean_probabilities, normalise, open_archive
 from grad2.tools.images import open_images
@@ -107,9 +107,8 @@ def evaluate_archive(
             l1 = float((answers - pool_clean).abs().sum(1).mean())
 
             def fit(inputs, targets, seed, hard=False, steps_of=None):
-                # ``steps_of``: train as many SGD steps as a clone of that many queries.
-                scaled = epochs if steps_of is None else max(
-                    epochs, round(epochs * steps_of / len(inputs)))
+                scaled = epochs if steps_of is None else step_matched_epochs(
+                    epochs, steps_of, len(inputs))
                 return train_clone(inputs, targets, arch=arch, epochs=scaled, seed=seed,
                                    hard_labels=hard, progress=progress, fill=fill)
 

@@ -364,12 +364,12 @@ def clone_accuracy(clone: nn.Module, lab: Lab) -> tuple[float, Tensor]:
 
 
 def fit_clone(inputs: Tensor, answers: Tensor, seed: int, arch: str = "small_cnn",
-              hard_labels: bool = False) -> tuple[nn.Module, bool]:
+              hard_labels: bool = False, epochs: int = CLONE_EPOCHS) -> tuple[nn.Module, bool]:
     """A thief's clone, retrained at a tenth of the rate when its training collapsed."""
-    clone = train_clone(inputs, answers, arch=arch, epochs=CLONE_EPOCHS, seed=seed,
+    clone = train_clone(inputs, answers, arch=arch, epochs=epochs, seed=seed,
                         hard_labels=hard_labels, progress=False)
     if collapsed(clone, inputs, answers):
-        return train_clone(inputs, answers, arch=arch, epochs=CLONE_EPOCHS, seed=seed,
+        return train_clone(inputs, answers, arch=arch, epochs=epochs, seed=seed,
                            hard_labels=hard_labels, progress=False, lr=0.01), True
     return clone, False
 

@@ -268,6 +268,12 @@ def train_victim(
     return model, metrics
 
 
+def step_matched_epochs(epochs: int, queries: int, size: int) -> int:
+    """Epochs on ``size`` examples that take as many SGD steps as ``epochs`` on ``queries``
+    (never fewer than ``epochs``)."""
+    return max(epochs, round(epochs * queries / size))
+
+
 def train_clone(
     pool_inputs: torch.Tensor,
     answers: torch.Tensor,
