@@ -111,7 +111,8 @@ def test_lifecycle_on_another_model_and_other_images(tmp_path: Path) -> None:
           "test", "--out", "evaluation", "--quick", "--clone-epochs", "1", "--no-progress",
           cwd=work)
     evaluation = json.loads((work / "evaluation" / "evaluate.json").read_text())
-    assert {row["thief"] for row in evaluation["rows"]} == {"soft", "labels_only"}
+    assert {row["thief"] for row in evaluation["rows"]} == {"soft", "labels_only", "arch"}
+    assert evaluation["thief_arch"] == "torchvision:mobilenet_v3_small"
     assert (work / "evaluation" / "evaluate.png").is_file()
 
     grad2("serve", "--model-store", "store", "--models", "pics=pics_v2.1.mar", "--workdir",

@@ -264,3 +264,27 @@ def test_own_thieves_train_on_what_each_thief_has() -> None:
     assert calls[0] == (60, False, None) and calls[1] == (60, True, None)  # mixed pool
     # The own-only thief: its 12 own answers alone, as many steps as a 48-query clone.
     assert calls[2] == (12, False, 48)
+
+
+@pytest.mark.parametrize("arch, shape", [
+    ("small_cnn", (1, 28, 28)), ("wide_cnn", (1, 28, 28)), ("resnet18_gray", (1, 28, 28)),
+    ("torchvision:resnet18", (3, 32, 32)), ("torchvision:mobilenet_v3_small", (3, 32, 32)),
+    ("torchvision:vgg11", (3, 32, 32))])
+def test_other_architecture_differs_and_takes_the_inputs(arch: str, shape) -> None:
+    from grad2.lab.archive_eval import other_architecture
+    from grad2.lab.train import check_input_size
+    from grad2.models import build_model
+
+    other = other_architecture(arch, *shape)
+    assert other is not None and other != arch
+    model = build_model(other, num_classes=10, in_channels=shape[0])
+    check_input_size(model, shape, other)  # raises when the clone cannot take the inputs
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_no_other_architecture_for_gray_images_of_another_size() -> None:
+    from grad2.lab.archive_eval import other_architecture
+
+    # resnet18_gray is the only gray architecture for 64x64: the arch thief is left out.
+    assert other_architecture("resnet18_gray", 1, 64, 64) is None
+    assert other_architecture("small_cnn", 1, 64, 64) == "resnet18_gray"

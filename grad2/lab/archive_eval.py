@@ -5,8 +5,10 @@ The archive is the source of truth (victim, input section, class names, defense)
 budget of a small grid the archive's defense is rebuilt at that ``epsilon``; the
 defender's accuracy on the labelled ``--test`` folder is measured through the worker's own
 decoder, victim and defense (streamed), and simulated thieves train a clone on the
-defended answers to images of ``--pool`` (any folder of images): a soft-label thief and a
-labels-only thief. With ``--own DIR`` (a few hundred images of the victim's own kind the
+defended answers to images of ``--pool`` (any folder of images): a soft-label thief, a
+labels-only thief (both of the clone architecture, by default the victim's) and a soft
+thief of another architecture (:func:`other_architecture`, or ``thief_arch``), the lab's
+strongest thief. With ``--own DIR`` (a few hundred images of the victim's own kind the
 thief owns, answered by the same API) come issue 23's thieves that read the answers
 (:mod:`grad2.lab.thieves`): the mixed thief (pool plus own queries, soft and labels-only),
 the own-only thief (its own queries' answers alone, trained as many steps as a pool
@@ -40,8 +42,13 @@ from grad2.models import model_spec, penultimate, predict_probs
 from grad2.serve import clean_probabilities, normalise, open_archive
 from grad2.tools.images import open_images
 
-#: Thieves trained at every budget: name -> train on the top-1 label only?
-THIEVES = {"soft": False, "labels_only": True}
+#: Thieves trained at every budget: name -> (other architecture?, top-1 label only?).
+THIEVES = {"soft": (False, False), "labels_only": (False, True), "arch": (True, False)}
+#: Clone architectures by the inputs they take, in the order :func:`other_architecture`
+#: tries them.
+ARCHITECTURES_FOR = {"gray28": ("small_cnn", "wide_cnn", "resnet18_gray"),
+                     "gray": ("resnet18_gray",),
+                     "color": ("torchvision:resnet18", "torchvision:mobilenet_v3_small")}
 #: Thieves that need the thief's own in-distribution images (``own``).
 OWN_THIEVES = ("mixed_soft", "mixed_labels", "own_only", "fixer", "mapping", "filter")
 #: Share of the thief's own in-distribution images its copy of a feature gate flags.
@@ -63,12 +70,14 @@ def evaluate_archive(
     archive: Path, pool: Path, test: Path, out: Path,
     epsilons: Sequence[float] | None = None, quick: bool = False, seeds: int = 1,
     budget: int | None = None, epochs: int | None = None, clone_arch: str | None = None,
-    progress: bool = True, own: Path | None = None,
+    progress: bool = True, own: Path | None = None, thief_arch: str | None = None,
 ) -> list[EvaluationRow]:
     """Sweep ``epsilons`` (default :data:`~grad2.lab.families.SHORT_EPSILONS`, or
     :data:`~grad2.lab.families.QUICK_EPSILONS` with ``quick``) of ``archive``'s defense;
     returns one row per budget, thief and seed and writes the reports into ``out``.
-    ``own``: a folder of the thief's in-distribution images (adds :data:`OWN_THIEVES`)."""
+    ``own``: a folder of the thief's in-distribution images (adds :data:`OWN_THIEVES`);
+    ``thief_arch``: the ``arch`` thief's architecture (default :func:`other_architecture`;
+    the thief is left out when no other architecture takes the archive's inputs)."""
     started = time.perf_counter()
     epsilons = list(epsilons or (QUICK_EPSILONS if quick else SHORT_EPSILONS))
     budget = budget or (1000 if quick else 4000)
@@ -97,6 +106,10 @@ def evaluate_archive(
             own_clean = predict_probs(served.victim, own_inputs)
         test_set = open_images(Path(test), spec, class_names, labelled=True)
         arch = clone_arch or model_spec(served.victim)["arch"]
+        other_arch = thief_arch or other_architecture(arch, spec.channels, spec.height,
+                                                      spec.width)
+        trained = {thief: kind for thief, kind in THIEVES.items()
+                   if other_arch is not None or not kind[0]}
         fill = padding_fill(spec)
         defenses = {epsilon: served_at(epsilon).defense for epsilon in epsilons}
         accuracy = _defender_accuracy(served.victim, defenses, test_set, progress)
@@ -106,15 +119,16 @@ def evaluate_archive(
             answers = _answer(defense, pool_inputs, pool_clean)
             l1 = float((answers - pool_clean).abs().sum(1).mean())
 
-            def fit(inputs, targets, seed, hard=False, steps_of=None):
+            def fit(inputs, targets, seed, hard=False, steps_of=None, other=False):
                 scaled = epochs if steps_of is None else step_matched_epochs(
                     epochs, steps_of, len(inputs))
-                return train_clone(inputs, targets, arch=arch, epochs=scaled, seed=seed,
-                                   hard_labels=hard, progress=progress, fill=fill)
+                return train_clone(inputs, targets, arch=other_arch if other else arch,
+                                   epochs=scaled, seed=seed, hard_labels=hard,
+                                   progress=progress, fill=fill)
 
             for seed in range(seeds):
-                clones = {thief: fit(pool_inputs, answers, seed, hard)
-                          for thief, hard in THIEVES.items()}
+                clones = {thief: fit(pool_inputs, answers, seed, hard, other=other)
+                          for thief, (other, hard) in trained.items()}
                 if own_inputs is not None:
                     own_answers = _answer(defense, own_inputs, own_clean)
                     clones.update(own_thieves(
@@ -134,7 +148,7 @@ def evaluate_archive(
         "own": None if own is None else str(own),
         "own_images": 0 if own_inputs is None else len(own_inputs),
         "pool_images": len(pool_inputs), "test_images": len(test_set),
-        "clone_arch": arch, "epochs": epochs, "seeds": seeds,
+        "clone_arch": arch, "thief_arch": other_arch, "epochs": epochs, "seeds": seeds,
         "undefended_accuracy": accuracy["clean"],
         "wall_time_s": round(time.perf_counter() - started, 1),
         "rows": [asdict(row) for row in rows],
@@ -142,6 +156,13 @@ def evaluate_archive(
     (out / "evaluate.md").write_text(format_table(rows) + "\n")
     plot_rows(rows, out / "evaluate.png", str(archive))
     return rows
+
+
+def other_architecture(arch: str, channels: int, height: int, width: int) -> str | None:
+    """The first clone architecture of :data:`ARCHITECTURES_FOR` other than ``arch`` that
+    takes ``[channels, height, width]`` inputs, or None when there is none."""
+    kind = "color" if channels != 1 else "gray28" if (height, width) == (28, 28) else "gray"
+    return next((other for other in ARCHITECTURES_FOR[kind] if other != arch), None)
 
 
 def _load_inputs(image_set, spec, progress: bool) -> torch.Tensor:

@@ -1002,7 +1002,7 @@ def _evaluate_archive_command(args: argparse.Namespace) -> int:
         Path(args.archive), Path(args.pool), Path(args.test), Path(args.out),
         epsilons=args.epsilons, quick=args.quick, seeds=args.seeds, budget=args.pool_size,
         epochs=args.clone_epochs, clone_arch=args.clone_arch,
-        progress=not args.no_progress, own=args.own)
+        progress=not args.no_progress, own=args.own, thief_arch=args.thief_arch)
     print(format_table(rows))
     print(f"report: {Path(args.out) / 'evaluate.json'}, evaluate.md, evaluate.png")
     return 0
@@ -1028,6 +1028,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="with --archive: clone seeds")
     parser.add_argument("--clone-arch", help="with --archive: clone architecture (default: "
                         "the victim's)")
+    parser.add_argument("--thief-arch", help="with --archive: the other-architecture thief's "
+                        "clone architecture (default: one other than --clone-arch that "
+                        "takes the archive's inputs)")
     parser.add_argument("--cache", help="folder for models and answers (default: cache/eval)")
     parser.add_argument("--quick", action="store_true", help="a minutes-long miniature sweep")
     parser.add_argument("--full-grid", action="store_true", help="epsilon 0, 0.1, ..., 1.0")
