@@ -8,11 +8,13 @@ and writes a fresh secret mapping key; archives version 1.0 (no defense) and ver
 (``grad2_gated``: small redirection in distribution, keyed relabelling of OOD queries);
 serves both on TorchServe with token authorization on; shows answers side by side; runs a
 live thief against each version through the standard inference API (Animal-MNIST
-queries, soft and labels-only clones, two seeds each; the best thief is the higher of
-the two); tests the stolen clones and two innocent models for the secret mapping with
+queries; soft and labels-only clones of the surrogate's architecture and soft clones of
+another, wider one, the lab's strongest thief; two seeds each, a collapsed clone retrained
+as in the lab; the best thief is the highest mean of the three); tests three stolen
+clones, the undefended clone and an independent model for the secret mapping with
 ``verify`` on the fresh Animal-MNIST images the archive moves (images the thief never
-sent), against reference models trained without the answers; prints, plots and stops the
-server.
+sent), against reference models trained without the answers; prints, plots and stops
+the server.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import torch
 import yaml
 
 from grad2 import gate
-from grad2.lab import ood
+from grad2.lab import ood, thieves
 from grad2.lab.attack import APIClient
 from grad2.lab.data import cache_dir, load_fashion_mnist, thief_pool, to_tensor
 from grad2.lab.evaluate import Lab
-from grad2.lab.train import set_threads, train_clone
+from grad2.lab.train import set_threads
 from grad2.models import save_checkpoint
 from grad2.serve import Ports, build_archive, start_server, stop_server
 from grad2.serve.templates import template_path
@@ -40,7 +42,11 @@ from grad2.tools.progress import progress_bar
 
 MODEL = "fashion"
 VERSIONS = {"1.0": "none", "2.0": "grad2_gated"}
-THIEVES = ("soft", "labels")
+#: The demo's thieves: name -> (clone architecture, trains on top-1 labels only).
+THIEVES = {"soft": ("small_cnn", False), "labels": ("small_cnn", True),
+           "arch": (ood.MISMATCH_ARCH, False)}
+THIEF_NAMES = {"soft": "soft clone", "labels": "labels-only clone",
+               "arch": f"{ood.MISMATCH_ARCH} clone"}
 SEEDS = (0, 1)
 #: Models trained without the archive's answers that verify compares suspects with.
 REFERENCES = 4
@@ -170,11 +176,11 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
                        unit="clone")
     for row in rows:
         version = row["version"]
-        for thief in THIEVES:
+        for thief, (arch, hard_labels) in THIEVES.items():
             accuracies = []
             for seed in SEEDS:
-                clone = train_clone(inputs, stolen[version], epochs=clone_epochs, seed=seed,
-                                    hard_labels=thief == "labels", progress=False)
+                clone, _ = ood.fit_clone(inputs, stolen[version], seed, arch=arch,
+                                         hard_labels=hard_labels, epochs=clone_epochs)
                 with torch.inference_mode():
                     predicted = clone(lab.test_inputs).argmax(1)
                 accuracies.append((predicted == lab.test_labels).float().mean().item())
@@ -187,8 +193,9 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
     bar.close()
     for row in rows:
         for thief in THIEVES:
-            print(f"v{row['version']} {thief:>6} clones (seeds {', '.join(map(str, SEEDS))}): "
-                  f"{_spread(row[thief])}% Fashion-MNIST test accuracy")
+            print(f"v{row['version']} {THIEF_NAMES[thief]:>17}s (seeds "
+                  f"{', '.join(map(str, SEEDS))}): {_spread(row[thief])}% Fashion-MNIST test "
+                  "accuracy")
 
     _say("7/7 verify: does a suspect follow the secret mapping? (fresh Animal-MNIST images "
          "the thief never sent, against models trained without the answers)")
@@ -205,6 +212,7 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
     suspects = {
         "clone of v2.0 (soft, seed 0)": clones["2.0", "soft", SEEDS[0]],
         "clone of v2.0 (labels-only, seed 0)": clones["2.0", "labels", SEEDS[0]],
+        f"clone of v2.0 ({ood.MISMATCH_ARCH}, seed 0)": clones["2.0", "arch", SEEDS[0]],
         "clone of v1.0, undefended (soft, seed 0)": clones["1.0", "soft", SEEDS[0]],
         "independently trained model": innocent_path,
     }
@@ -223,13 +231,19 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
               f"{100 * verdict['reference_mean']:.1f}%), p = {verdict['p_value']:.2g}: "
               f"{accused}")
 
-    print("\nversion  defense       defender acc (1,000 test)  soft clone   labels-only clone"
-          "  best thief")
+    columns = [THIEF_NAMES[thief] for thief in THIEVES]
+    print("\nversion  defense       defender acc (1,000 test)  " + "  ".join(columns)
+          + "  best thief")
     for row in rows:
-        row["best_thief"] = max(float(np.mean(row[thief])) for thief in THIEVES)
+        means = {thief: float(np.mean(row[thief])) for thief in THIEVES}
+        row["best_thief_name"], row["best_thief"] = thieves.best_thief(means)
+        cells = "  ".join(f"{100 * means[thief]:{len(column)}.1f}"
+                          for thief, column in zip(THIEVES, columns, strict=True))
         print(f"{row['version']:>7}  {row['defense']:<12}  {100 * row['defender_accuracy']:24.1f}"
-              f"  {100 * np.mean(row['soft']):10.1f}  {100 * np.mean(row['labels']):18.1f}"
-              f"  {100 * row['best_thief']:10.1f}")
+              f"  {cells}  {100 * row['best_thief']:5.1f} ({row['best_thief_name']})")
+    effect = 100 * (rows[0]["best_thief"] - rows[-1]["best_thief"])
+    print(f"the defense removes {effect:.1f} points from the best thief at an honest-user "
+          f"cost of {100 * (rows[0]['defender_accuracy'] - rows[-1]['defender_accuracy']):.1f}")
     _plot(rows, out / "demo.png")
     elapsed = time.perf_counter() - started
     report = {"rows": rows, "verify": verdicts, "gate_threshold": threshold,
@@ -247,12 +261,12 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
     labels = [f"v{r['version']} {r['defense']}" for r in rows]
-    width = 0.27
-    for offset, (key, name) in enumerate((("defender_accuracy", "honest users (test)"),
-                                          ("soft", "soft clone"),
-                                          ("labels", "labels-only clone"))):
+    bars = {"defender_accuracy": "honest users (test)", **THIEF_NAMES}
+    width = 0.8 / len(bars)
+    for offset, (key, name) in enumerate(bars.items()):
         values = [100 * float(np.mean(r[key])) for r in rows]
-        positions = [index + (offset - 1) * width for index in range(len(rows))]
+        positions = [index + (offset - (len(bars) - 1) / 2) * width
+                     for index in range(len(rows))]
         axis.bar(positions, values, width, label=name)
     axis.set_xticks(range(len(rows)), labels)
     axis.set_ylabel("Fashion-MNIST test accuracy (%)")
