@@ -1,5 +1,6 @@
 """How much the secret mapping's draw changes grad2_gated's effect: the study's defender
-(cached in GRAD2_CACHE/eval), soft and labels-only clones on 4,000 Animal-MNIST queries.
+(cached in GRAD2_CACHE/eval), soft, labels-only and other-architecture (``arch``) clones on
+4,000 Animal-MNIST queries.
 
     GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py plain --keys 8
     GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py selected --keys 8
@@ -9,9 +10,12 @@
 ``grad2 keygen``'s selection (:func:`grad2.tools.keys.select_key`) against the study's
 victim on defender-chosen images, from a seeded key source; ``floor``: one key over
 several clone seeds (the clone-seed noise); ``landing``: where gated answers land, the
-thief's pool against the defender's OOD images (analysis only). Every clone's accuracy is cached in
-GRAD2_CACHE/eval/key_spread.json with the defender-side criteria of its mapping, so reruns
-only add what is missing; ``--table`` prints the cached rows as markdown.
+thief's pool against the defender's OOD images (analysis only); ``anova``: from the cache
+only, per clone kind and key group, the spread of the key means against what clone-seed
+noise alone gives, and a one-way ANOVA of the key. Every clone's accuracy is cached in
+GRAD2_CACHE/eval/key_spread.json, so reruns only add what is missing.
+
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py anova --seeds 0 1 --clones arch
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from grad2.lab.evaluate import Lab, apply_defense
 from grad2.tools import keys
 from grad2.tools.progress import progress_bar
 
-#: The clone kinds measured per key: name -> hard_labels.
-CLONES = {"soft": False, "labels": True}
+#: The clone kinds measured per key: name -> (architecture, hard_labels). ``arch`` is the
+#: lab's best thief on every pool (docs/results/thieves/thieves.md).
+CLONES = {"soft": ("small_cnn", False), "labels": ("small_cnn", True),
+          "arch": (ood.MISMATCH_ARCH, False)}
 #: The defender's own in-distribution images the criterion reads (of its 10,000 fit images).
 OWN_IMAGES = 2000
 
@@ -105,7 +111,9 @@ class Measure:
         cell = f"{clone}-{seed}"
         if cell not in row:
             answers = self.answers(mapping)
-            model, _ = ood.fit_clone(self.inputs, answers, seed=seed, hard_labels=CLONES[clone])
+            arch, hard_labels = CLONES[clone]
+            model, _ = ood.fit_clone(self.inputs, answers, seed=seed, arch=arch,
+                                     hard_labels=hard_labels)
             row[cell] = round(100 * ood.clone_accuracy(model, self.lab)[0], 2)
             self.save(name, cell, row[cell])
         return row[cell]
@@ -144,17 +152,80 @@ def landing(measure: Measure) -> None:
         print(f"{name} | {thief:.1f} | {defender:.1f}")
 
 
+def key_anova(by_key: list[list[float]]) -> dict[str, float]:
+    """One-way ANOVA of clone accuracies grouped by key (``[keys][seeds]``, equal seeds):
+    the spread of the key means, the within-key seed sd, F and its p-value, the key sd the
+    mean squares imply, and the range of that many means that seed noise alone gives
+    (expected range of normal samples times the sd of a mean)."""
+    from scipy import stats
+
+    values = np.array(by_key)
+    keys_n, seeds_n = values.shape
+    means = values.mean(1)
+    within = float(((values - means[:, None]) ** 2).sum() / (keys_n * (seeds_n - 1)))
+    between = float(seeds_n * means.var(ddof=1))
+    f_value = between / within
+    rng = np.random.default_rng(0)
+    expected_range = float(np.ptp(rng.standard_normal((100_000, keys_n)), axis=1).mean())
+    return {"keys": keys_n, "seeds": seeds_n, "mean": float(means.mean()),
+            "spread": float(np.ptp(means)), "seed_sd": within ** 0.5, "F": f_value,
+            "p": float(stats.f.sf(f_value, keys_n - 1, keys_n * (seeds_n - 1))),
+            "key_sd": max(between - within, 0.0) ** 0.5 / seeds_n ** 0.5,
+            "noise_spread": expected_range * (within / seeds_n) ** 0.5}
+
+
+def anova(measure: Measure, groups: dict[str, list[torch.Tensor]], clones: list[str],
+          seeds: list[int]) -> None:
+    """Print, per clone kind and key group, :func:`key_anova` over the cached clones."""
+    print("| clone | keys | undefended | mean of key means (effect) | spread of key means | "
+          "seed sd | spread from seeds alone | ANOVA F, p | key sd |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for clone in clones:
+        cells = [f"{clone}-{seed}" for seed in seeds]
+        undefended = np.mean([measure.rows["none"][cell] for cell in cells])
+        groups_all = {**groups, "all": [m for ms in groups.values() for m in ms]}
+        for group, mappings in groups_all.items():
+            names = ["".join(map(str, m.tolist())) for m in mappings]
+            by_key = [[measure.rows.get(name, {}).get(cell) for cell in cells]
+                      for name in names]
+            by_key = [row for row in by_key if None not in row]
+            if len(by_key) < 2:
+                continue
+            result = key_anova(by_key)
+            print(f"| {clone} | {group} ({result['keys']}) | {undefended:.1f} | "
+                  f"{result['mean']:.1f} ({undefended - result['mean']:.1f}) | "
+                  f"{result['spread']:.1f} | {result['seed_sd']:.1f} | "
+                  f"{result['noise_spread']:.1f} | {result['F']:.2f}, {result['p']:.2g} | "
+                  f"{result['key_sd']:.1f} |")
+
+
+def plain_mappings(count: int) -> list[torch.Tensor]:
+    """The mappings of the first ``count`` plain keys."""
+    return [gate.keyed_mapping(plain_key(i), 10) for i in range(count)]
+
+
+def selected_mappings(measure: Measure, count: int, source_seed: int) -> list[torch.Tensor]:
+    """The mappings of the first ``count`` keys keygen's selection draws from the seeded
+    source ``source_seed``."""
+    source = seeded_source(source_seed)
+    return [gate.keyed_mapping(keys.select_key(measure.scorer, source)[0], 10)
+            for _ in range(count)]
+
+
 def run(args: argparse.Namespace) -> None:
     measure = Measure(cache_dir() / "eval" / "key_spread.json")
     if args.what == "landing":
         landing(measure)
         return
+    if args.what == "anova":
+        groups = {"plain": plain_mappings(args.keys),
+                  "selected": selected_mappings(measure, args.keys, args.source_seed)}
+        anova(measure, groups, args.clones, args.seeds)
+        return
     if args.what == "plain":
-        mappings = [gate.keyed_mapping(plain_key(i), 10) for i in range(args.keys)]
+        mappings = plain_mappings(args.keys)
     elif args.what == "selected":
-        source = seeded_source(args.source_seed)
-        mappings = [gate.keyed_mapping(keys.select_key(measure.scorer, source)[0], 10)
-                    for _ in range(args.keys)]
+        mappings = selected_mappings(measure, args.keys, args.source_seed)
     else:
         mappings = [gate.keyed_mapping(plain_key(args.floor_key), 10)]
     jobs = [(mapping, clone, seed) for mapping in [None, *mappings]
@@ -182,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("plain", "selected", "floor", "landing"))
+    parser.add_argument("what", choices=("plain", "selected", "floor", "landing", "anova"))
     parser.add_argument("--keys", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--clones", nargs="+", default=list(CLONES), choices=list(CLONES))
