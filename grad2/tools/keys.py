@@ -261,7 +261,8 @@ def select_key(scorer: MappingScorer, source: Callable[[], str] = gate.new_key,
 
 def plain_key_warning() -> None:
     """Warn that a key drawn without the criterion gives an effect that depends on the draw."""
-    warnings.warn("keygen without --archive/--images draws a plain key: grad2_gated's effect "
-                  "then depends on the draw (docs/results.md, 'The key lottery'); pass "
-                  "--archive and --images to draw only keys whose mapping passes the "
-                  "criterion", stacklevel=2)
+    warnings.warn("keygen without --archive/--images/--validation draws a plain key: "
+                  "grad2_gated's effect depends on the draw (docs/results.md, 'The key "
+                  "lottery'); with them it draws only keys whose mapping passes a "
+                  "simulated-thief criterion, which is not yet shown to narrow that spread",
+                  stacklevel=2)
