@@ -12,10 +12,13 @@ victim on defender-chosen images, from a seeded key source; ``floor``: one key o
 several clone seeds (the clone-seed noise); ``landing``: where gated answers land, the
 thief's pool against the defender's OOD images (analysis only); ``anova``: from the cache
 only, per clone kind and key group, the spread of the key means against what clone-seed
-noise alone gives, and a one-way ANOVA of the key. Every clone's accuracy is cached in
-GRAD2_CACHE/eval/key_spread.json, so reruns only add what is missing.
+noise alone gives, and a one-way ANOVA of the key; ``transfer``: one clone per key of the
+16 (plain and selected) on other query sources (other thieves' pools, the defender's own
+OOD images) and the rank correlation with the main pool's means. Every clone's accuracy is
+cached in GRAD2_CACHE/eval/key_spread.json, so reruns only add what is missing.
 
-    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py anova --seeds 0 1 --clones arch
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py anova --seeds 0 1 2 --clones arch
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py transfer --clones arch
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from grad2.defenses import GatedGRAD2
 from grad2.lab import ood
 from grad2.lab.data import FASHION_CLASSES, cache_dir, to_tensor
 from grad2.lab.evaluate import Lab, apply_defense
+from grad2.models import predict_probs
 from grad2.tools import keys
 from grad2.tools.progress import progress_bar
 
@@ -94,25 +98,38 @@ class Measure:
                                 self.defender.knobs["grad2_gated_permute"],
                                 self.defender.feature_slope)
 
-    def answers(self, mapping: torch.Tensor | None) -> torch.Tensor:
+    def queries(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, clean)`` a thief of ``source`` sends: the main pool, another pool of
+        :data:`ood.POOLS`, or ``defender`` (the defender's own OOD images)."""
+        if source == ood.MAIN_POOL:
+            return self.inputs, self.clean
+        inputs = (defender_images(self.defender) if source == "defender"
+                  else to_tensor(ood.pool_images(source)))
+        return inputs, predict_probs(self.lab.victim, inputs)
+
+    def answers(self, mapping: torch.Tensor | None, source: str = ood.MAIN_POOL
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, answers)`` of ``source`` under ``mapping`` (None: undefended)."""
+        inputs, clean = self.queries(source)
         if mapping is None:
-            return self.clean
+            return inputs, clean
         defense = GatedGRAD2(self.defender.surrogate, ood.GATED_EPSILON,
                              ood.GATED_EPSILON_OOD, self.defender.knobs["grad2_gated_permute"],
                              self.defender.feature_slope, "permute", mapping,
                              gate_tensors=self.defender.feature_gate)
-        return apply_defense(defense, self.inputs, self.clean, progress=False)
+        return inputs, apply_defense(defense, inputs, clean, progress=False)
 
-    def accuracy(self, mapping: torch.Tensor | None, clone: str, seed: int) -> float:
+    def accuracy(self, mapping: torch.Tensor | None, clone: str, seed: int,
+                 source: str = ood.MAIN_POOL) -> float:
         """``clone``'s Fashion-MNIST test accuracy (%) against ``mapping`` (None:
-        undefended), cached."""
+        undefended) when it queries ``source``, cached."""
         name = "none" if mapping is None else "".join(map(str, mapping.tolist()))
         row = self.rows.setdefault(name, {})
-        cell = f"{clone}-{seed}"
+        cell = f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
         if cell not in row:
-            answers = self.answers(mapping)
+            inputs, answers = self.answers(mapping, source)
             arch, hard_labels = CLONES[clone]
-            model, _ = ood.fit_clone(self.inputs, answers, seed=seed, arch=arch,
+            model, _ = ood.fit_clone(inputs, answers, seed=seed, arch=arch,
                                      hard_labels=hard_labels)
             row[cell] = round(100 * ood.clone_accuracy(model, self.lab)[0], 2)
             self.save(name, cell, row[cell])
@@ -199,6 +216,29 @@ def anova(measure: Measure, groups: dict[str, list[torch.Tensor]], clones: list[
                   f"{result['key_sd']:.1f} |")
 
 
+def transfer(measure: Measure, mappings: list[torch.Tensor], clone: str, sources: list[str],
+             seed: int, main_seeds: list[int]) -> None:
+    """Print, per query source, one ``clone`` per key against the main pool's mean over
+    ``main_seeds``: does the order of the keys carry over to other thieves' images, and to
+    the defender's own OOD images (a criterion a defender could compute)?"""
+    jobs = [(mapping, source) for source in sources for mapping in [None, *mappings]]
+    for mapping, source in progress_bar(jobs, desc="transfer", unit="clone"):
+        measure.accuracy(mapping, clone, seed, source)
+    names = ["".join(map(str, m.tolist())) for m in mappings]
+    main = [float(np.mean([measure.rows[name][f"{clone}-{s}"] for s in main_seeds]))
+            for name in names]
+    print(f"| {clone} clones, seed {seed} | undefended | mean of keys (effect) | spread | "
+          f"rank correlation with {ood.MAIN_POOL} (seeds {main_seeds}) |")
+    print("| --- | --- | --- | --- | --- |")
+    for source in sources:
+        cell = f"{clone}@{source}-{seed}"
+        values = [measure.rows[name][cell] for name in names]
+        undefended = measure.rows["none"][cell]
+        print(f"| {source} | {undefended:.1f} | {np.mean(values):.1f} "
+              f"({undefended - np.mean(values):.1f}) | {np.ptp(values):.1f} | "
+              f"{rank_correlation(values, main):+.2f} |")
+
+
 def plain_mappings(count: int) -> list[torch.Tensor]:
     """The mappings of the first ``count`` plain keys."""
     return [gate.keyed_mapping(plain_key(i), 10) for i in range(count)]
@@ -221,6 +261,12 @@ def run(args: argparse.Namespace) -> None:
         groups = {"plain": plain_mappings(args.keys),
                   "selected": selected_mappings(measure, args.keys, args.source_seed)}
         anova(measure, groups, args.clones, args.seeds)
+        return
+    if args.what == "transfer":
+        mappings = (plain_mappings(args.keys)
+                    + selected_mappings(measure, args.keys, args.source_seed))
+        transfer(measure, mappings, args.clones[0], args.sources, args.seeds[0],
+                 args.main_seeds)
         return
     if args.what == "plain":
         mappings = plain_mappings(args.keys)
@@ -253,12 +299,18 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("plain", "selected", "floor", "landing", "anova"))
+    parser.add_argument("what", choices=("plain", "selected", "floor", "landing", "anova",
+                                             "transfer"))
     parser.add_argument("--keys", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--clones", nargs="+", default=list(CLONES), choices=list(CLONES))
     parser.add_argument("--source-seed", type=int, default=0)
     parser.add_argument("--floor-key", type=int, default=0)
+    parser.add_argument("--sources", nargs="+", default=["animal_rotated", "animal_shifted",
+                                                         "defender"],
+                        help="transfer: query sources besides the main pool")
+    parser.add_argument("--main-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="transfer: the main pool's clone seeds to compare with")
     run(parser.parse_args())
 
 
