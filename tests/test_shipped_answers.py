@@ -1,5 +1,10 @@
-"""Every shipped example config answers a fixed batch exactly as the stored answers say
-(``tests/shipped_answers.py`` wrote them before the defenses became a package)."""
+"""Every shipped example config answers a fixed batch as the stored answers say
+(``tests/shipped_answers.py`` wrote them before the defenses became a package).
+
+The answers are bit-identical run to run on one CPU, but MKL and oneDNN pick other kernels
+on other CPUs (an AMD EPYC machine gives answers up to 5e-7 away from the stored ones), so
+the comparison allows float rounding: :data:`ROUNDING` absolute. A changed
+defense moves answers by orders of magnitude more."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import shipped_answers
 import torch
 
 STORED = torch.load(shipped_answers.STORED, weights_only=False)
+#: The largest difference per probability that float rounding across CPUs may explain.
+ROUNDING = 1e-5
 
 
 def current(name: str) -> dict:
@@ -34,5 +41,5 @@ def test_answers_are_unchanged(name: str, tmp_path: Path):
     config = current(name)
     assert torch.equal(shipped_answers.inputs(), STORED["pixels"])
     (answers,) = shipped_answers.compute({name: config}, tmp_path).values()
-    assert torch.equal(answers, STORED["answers"][name]), (
-        f"{name}: max difference {(answers - STORED['answers'][name]).abs().max():.3g}")
+    difference = (answers - STORED["answers"][name]).abs().max().item()
+    assert difference <= ROUNDING, f"{name}: max difference {difference:.3g}"
