@@ -75,6 +75,7 @@ class Measure:
         self.inputs, self.clean, _ = self.defender.answers("none", ood.MAIN_POOL)
         self.rows: dict = json.loads(path.read_text()) if path.exists() else {}
         self._scorer: keys.MappingScorer | None = None
+        self._queries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def scorer(self) -> keys.MappingScorer:
@@ -103,9 +104,11 @@ class Measure:
         :data:`ood.POOLS`, or ``defender`` (the defender's own OOD images)."""
         if source == ood.MAIN_POOL:
             return self.inputs, self.clean
-        inputs = (defender_images(self.defender) if source == "defender"
-                  else to_tensor(ood.pool_images(source)))
-        return inputs, predict_probs(self.lab.victim, inputs)
+        if source not in self._queries:
+            inputs = (defender_images(self.defender) if source == "defender"
+                      else to_tensor(ood.pool_images(source)))
+            self._queries[source] = inputs, predict_probs(self.lab.victim, inputs)
+        return self._queries[source]
 
     def answers(self, mapping: torch.Tensor | None, source: str = ood.MAIN_POOL
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,11 +44,8 @@ def main() -> None:
     rows = []
     for name, arch, labels in progress_bar(jobs, desc="clones"):
         inputs, _, answers = defender.answers(name, PART)
-        accuracies = []
-        for seed in args.seeds:
-            epochs = step_matched_epochs(ood.CLONE_EPOCHS, ood.QUERIES, len(inputs))
-            clone, _ = ood.fit_clone(inputs, answers, seed, arch, labels, epochs)
-            accuracies.append(100 * ood.clone_accuracy(clone, lab)[0])
+        epochs = step_matched_epochs(ood.CLONE_EPOCHS, ood.QUERIES, len(inputs))
+        accuracies = ood.seed_accuracies(lab, inputs, answers, args.seeds, arch, labels, epochs)
         row = {"defense": name, "arch": arch, "thief": "labels" if labels else "soft",
                "queries": len(inputs), "mean": round(statistics.mean(accuracies), 2),
                "values": [round(a, 2) for a in accuracies]}

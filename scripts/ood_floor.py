@@ -51,10 +51,8 @@ def main() -> None:
     rows = []
     for name, arch in progress_bar(jobs, desc="clones"):
         _, _, answers = defender.answers(name, args.pool)
-        accuracies = []
-        for seed in args.seeds:
-            clone, _ = ood.fit_clone(inputs[kept], answers[kept], seed, arch, False, epochs)
-            accuracies.append(100 * ood.clone_accuracy(clone, lab)[0])
+        accuracies = ood.seed_accuracies(lab, inputs[kept], answers[kept], args.seeds, arch,
+                                         epochs=epochs)
         row = {"answers": name, "arch": arch, "queries": int(kept.sum()),
                "mean": round(statistics.mean(accuracies), 2),
                "values": [round(a, 2) for a in accuracies]}

@@ -181,9 +181,7 @@ def run_demo(out: Path, budget: int, clone_epochs: int) -> dict:
             for seed in SEEDS:
                 clone, _ = ood.fit_clone(inputs, stolen[version], seed, arch=arch,
                                          hard_labels=hard_labels, epochs=clone_epochs)
-                with torch.inference_mode():
-                    predicted = clone(lab.test_inputs).argmax(1)
-                accuracies.append((predicted == lab.test_labels).float().mean().item())
+                accuracies.append(ood.clone_accuracy(clone, lab)[0])
                 path = out / "clones" / f"v{version}-{thief}-{seed}.pt"
                 save_checkpoint(clone, path, {"role": "clone", "version": version,
                                               "thief": thief, "seed": seed})

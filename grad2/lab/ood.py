@@ -28,7 +28,7 @@ import argparse
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -372,6 +372,14 @@ def fit_clone(inputs: Tensor, answers: Tensor, seed: int, arch: str = "small_cnn
         return train_clone(inputs, answers, arch=arch, epochs=epochs, seed=seed,
                            hard_labels=hard_labels, progress=False, lr=0.01), True
     return clone, False
+
+
+def seed_accuracies(lab: Lab, inputs: Tensor, answers: Tensor, seeds: Sequence[int],
+                    arch: str = "small_cnn", hard_labels: bool = False,
+                    epochs: int = CLONE_EPOCHS) -> list[float]:
+    """Fashion-MNIST test accuracy (%) of a :func:`fit_clone` clone per seed."""
+    return [100 * clone_accuracy(fit_clone(inputs, answers, seed, arch, hard_labels,
+                                           epochs)[0], lab)[0] for seed in seeds]
 
 
 def confident_rows(answers: Tensor, drop_share: float = 0.25) -> Tensor:
