@@ -142,8 +142,9 @@ print(json.dumps({"count": count, "growth_mb": (peak - start) / 2**20,
 
 def test_streaming_keeps_memory_flat_on_a_large_folder(tmp_path: Path) -> None:
     """4,000 files at 3x96x96: held as model input they would take 442 MB. Streamed in
-    batches of 64, memory reaches its level in the first quarter of the folder (allocator
-    caches, one batch in flight) and stays there for the other three quarters."""
+    batches of 64 (7 MB each), memory reaches its level in the first quarter of the folder
+    (allocator caches, one batch in flight) and stays there, give or take a few batches of
+    allocator slack, for the other three quarters, which held would add 332 MB."""
     folder = tmp_path / "many"
     for shard in range(8):
         (folder / f"shard{shard}").mkdir(parents=True)
@@ -157,4 +158,6 @@ def test_streaming_keeps_memory_flat_on_a_large_folder(tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["count"] == 4000
     assert report["growth_mb"] < 110, report          # a quarter of holding them all
-    assert report["after_first_quarter_mb"] < 15, report  # flat: no growth with the count
+    batch_mb = 64 * 3 * 96 * 96 * 4 / 2**20
+    # flat: at most five batches of slack (CPUs differ: 0-7 MB here, 15 MB on CI's EPYC)
+    assert report["after_first_quarter_mb"] < 5 * batch_mb, report
