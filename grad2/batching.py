@@ -9,9 +9,11 @@ batching), and preserve_top1's answers follow the scores' last bits.
 
 The reference result of a row is the row evaluated as a pair with itself.
 :func:`probe_sizes` finds the batch sizes at which every row of a function equals its
-reference (kernels are chosen by shape, not content, so a probe on random rows stands for
-every input of that shape on that machine and thread count); :func:`invariant_map` then
-evaluates any batch in chunks of those sizes only.
+reference; :func:`invariant_map` then evaluates any batch in chunks of those sizes only.
+Kernels are chosen by shape, not content, so a probe on random rows stands for every input
+of that shape on that machine and thread count; but another summation order can still give
+a few rows the same bits by chance (one window of 32 at a size that differs elsewhere), so
+each size is checked on :data:`PROBE_WINDOWS` windows of other rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+#: How many windows of example rows each batch size must match its reference on.
+PROBE_WINDOWS = 4
 
 RowFunction = Callable[..., Tensor]
 """``fn(*inputs) -> [B, ...]``: row ``i`` of the result depends on row ``i`` of each input."""
@@ -169,12 +174,13 @@ def time_agreeing_sizes(
     fn: RowFunction, inputs: Sequence[Tensor], max_batch: int
 ) -> dict[int, float]:
     """Seconds per row (one warm call) of every batch size in ``2..max_batch`` at which
-    every row of ``fn`` equals its reference (the row as a pair with itself).
+    every row of ``fn`` equals its reference (the row as a pair with itself) in each of
+    :data:`PROBE_WINDOWS` windows of the example rows.
 
     Args:
         fn: the row function to check.
-        inputs: example rows, ``[N, ...]`` each with ``N >= max_batch``; every size is
-            tried on other rows at other positions.
+        inputs: example rows, ``[N, ...]`` each with ``N >= max_batch``; each size is
+            tried on windows of rows that start a quarter of ``N`` apart (wrapping).
         max_batch: the largest batch the function will see.
     """
     rows = len(inputs[0])
@@ -183,11 +189,16 @@ def time_agreeing_sizes(
     reference = torch.cat([
         _as_pair(fn, [tensor[i : i + 1] for tensor in inputs]) for i in range(rows)
     ])
+
+    def agrees(index: Tensor) -> bool:
+        return torch.equal(fn(*[tensor[index] for tensor in inputs]), reference[index])
+
     seconds_per_row: dict[int, float] = {}
     for size in range(2, max_batch + 1):
-        index = (torch.arange(size) + 5 * size) % rows
-        chunk = [tensor[index] for tensor in inputs]
-        if torch.equal(fn(*chunk), reference[index]):
+        windows = [(torch.arange(size) + 5 * size + window * rows // PROBE_WINDOWS) % rows
+                   for window in range(PROBE_WINDOWS)]
+        if all(agrees(index) for index in windows):
+            chunk = [tensor[windows[0]] for tensor in inputs]
             started = time.perf_counter()
             fn(*chunk)
             seconds_per_row[size] = (time.perf_counter() - started) / size

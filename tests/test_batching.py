@@ -65,6 +65,32 @@ def test_probe_finds_the_sizes_that_match_the_pair_and_the_map_uses_only_those()
     assert describe_sizes(()) == "none (every row as a pair)"
 
 
+class ContentDependent(SizeDependent):
+    """:class:`SizeDependent` whose rows get other bits at a bad size only when their first
+    value is positive (another summation order that, for other rows, rounds alike)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.seen.append(len(x))
+        out = (x * 3 + y).sum(dim=1, keepdim=True)
+        if len(x) in self.bad or len(x) == 1:
+            return out + 1e-3 * (x[:, :1] > 0)
+        return out
+
+
+def test_a_size_that_matches_by_chance_in_one_window_is_refused() -> None:
+    """Size 5's first window (rows 25-29) rounds alike, the other rows do not: the probe
+    must look beyond that window (a served grad2_gated planned size 5 this way and answered
+    other bits than a replica that had not)."""
+    x, y = torch.randn(32, 3), torch.randn(32, 3)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    x[25:30, 0] = -x[25:30, 0]
+    fn = ContentDependent(bad={5})
+    index = torch.arange(25, 30)
+    assert torch.equal(fn(x[index], y[index]), torch.cat(
+        [fn(torch.cat([x[i:i + 1]] * 2), torch.cat([y[i:i + 1]] * 2))[:1] for i in index]))
+    assert sorted(time_agreeing_sizes(fn, (x, y), 8)) == [2, 3, 4, 6, 7, 8]
+
+
 def test_probe_needs_enough_example_rows() -> None:
     with pytest.raises(ValueError, match="needs as many rows"):
         time_agreeing_sizes(SizeDependent(set()), (torch.randn(3, 2), torch.randn(3, 2)), 8)
@@ -136,3 +162,52 @@ def test_planned_answers_are_independent_of_batch_mates(mismatches, arch, defens
     assert mismatches[f"{arch}-{defense}-planned=True"] == 0
     victim_sizes, defense_sizes = mismatches[f"{arch}-{defense}-sizes"]
     assert set(victim_sizes) <= set(range(2, 17)) and set(defense_sizes) <= set(range(2, 17))
+
+
+_SERVED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, tempfile, torch, yaml
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from shipped_answers import served_config, shipped_configs, stage
+    from grad2.serve import loader
+    torch.set_num_threads(1)
+    config = served_config(shipped_configs()["grad2_gated"])
+    folder = Path(tempfile.mkdtemp())
+    stage(folder, config["defense"])
+    served = loader.load_served_model(folder, config)
+    planned = served.plan_batches(config["batchSize"])
+    spec, defense = served.input_config, served.defense
+    generator = torch.Generator().manual_seed(7)
+    pixels = torch.rand((24, spec.channels, spec.height, spec.width), generator=generator)
+    pixels[::2] *= 0.05  # dim images: the gate flags them
+    x = loader.normalise(pixels, spec)
+    probs = served.probabilities(x)
+    def pair(rows):
+        return defense.network_rows(torch.cat([x[rows]] * 2), torch.cat([probs[rows]] * 2))[:1]
+    with torch.enable_grad():
+        reference = torch.cat([pair(slice(i, i + 1)) for i in range(24)])
+        differing = {size: sum(not torch.equal(defense.network_rows(x[start:start + size],
+                                                                    probs[start:start + size]),
+                                               reference[start:start + size])
+                               for start in range(24 - size + 1))
+                     for size in planned["defense"]}
+    gated = int((defense.gate_weights(x, probs) > 0.5).sum())
+    print(json.dumps({"sizes": list(planned["defense"]), "differing": differing,
+                      "gated": gated}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_served_gated_plan_holds_on_every_window_of_other_images() -> None:
+    """The shipped grad2_gated example planned at its batchSize: every planned size gives
+    every window of 24 other images (half of them gated) its pair-reference bits."""
+    env = {**os.environ, "MKL_CBWR": "AUTO,STRICT", "OMP_NUM_THREADS": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", _SERVED_SCRIPT, tests], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sizes"] and result["gated"] >= 6, result
+    assert not any(result["differing"].values()), result
