@@ -14,19 +14,27 @@ thief's pool against the defender's OOD images (analysis only); ``anova``: from 
 only, per clone kind and key group, the spread of the key means against what clone-seed
 noise alone gives, and a one-way ANOVA of the key; ``transfer``: one clone per key of the
 16 (plain and selected) on other query sources (other thieves' pools, the defender's own
-OOD images) and the rank correlation with the main pool's means. Every clone's accuracy is
-cached in GRAD2_CACHE/eval/key_spread.json, so reruns only add what is missing.
+OOD images) and the rank correlation with the main pool's means; ``regions``: several
+mappings per key, one per region of the queries (``--region-kind``: keyed directions of the
+surrogate's features, the victim's runner-up class, or a keyed table of (top-1, runner-up)
+pairs), and the key ANOVA over them (a lab experiment, not the product's defense). Every
+clone's accuracy is cached in GRAD2_CACHE/eval/key_spread.json, so reruns only add what is
+missing.
 
     GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py anova --seeds 0 1 2 --clones arch
     GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py transfer --clones arch
+    GRAD2_CACHE=.cache .venv/bin/python scripts/key_spread.py regions --region-kind pairs \
+        --regions 4 --keys 8 --seeds 0 1 --clones arch --sources
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,7 @@ from grad2.lab import ood
 from grad2.lab.data import FASHION_CLASSES, cache_dir, to_tensor
 from grad2.lab.evaluate import Lab, apply_defense
 from grad2.models import predict_probs
+from grad2.scores import penultimate_features
 from grad2.tools import keys
 from grad2.tools.progress import progress_bar
 
@@ -127,10 +136,17 @@ class Measure:
         """``clone``'s Fashion-MNIST test accuracy (%) against ``mapping`` (None:
         undefended) when it queries ``source``, cached."""
         name = "none" if mapping is None else "".join(map(str, mapping.tolist()))
+        return self.named_accuracy(name, lambda: self.answers(mapping, source), clone, seed,
+                                   source)
+
+    def named_accuracy(self, name: str, answers, clone: str, seed: int,
+                       source: str = ood.MAIN_POOL) -> float:
+        """:meth:`accuracy` for the answer set ``answers()`` (``(inputs, answers)``) cached
+        under ``name``."""
         row = self.rows.setdefault(name, {})
         cell = f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
         if cell not in row:
-            inputs, answers = self.answers(mapping, source)
+            inputs, answers = answers()
             arch, hard_labels = CLONES[clone]
             model, _ = ood.fit_clone(inputs, answers, seed=seed, arch=arch,
                                      hard_labels=hard_labels)
@@ -242,6 +258,104 @@ def transfer(measure: Measure, mappings: list[torch.Tensor], clone: str, sources
               f"{rank_correlation(values, main):+.2f} |")
 
 
+def region_mappings(index: int, regions: int) -> list[torch.Tensor]:
+    """The ``regions`` mappings of plain key ``index`` (one derived key per region)."""
+    return [gate.keyed_mapping(hashlib.sha256(plain_key(index) + f"region {r}".encode())
+                               .digest(), 10) for r in range(regions)]
+
+
+#: How a query's region is found: keyed directions of the surrogate's features, the
+#: victim's runner-up class, or a keyed assignment of (top-1, runner-up) pairs.
+REGION_KINDS = ("features", "runner_up", "pairs")
+
+
+def region_of(measure: Measure, index: int, regions: int, inputs: torch.Tensor,
+              kind: str = "features") -> torch.Tensor:
+    """``[B]`` region of each input in ``0..regions-1``.
+
+    ``features``: the sign bits of ``log2(regions)`` keyed random directions of the
+    surrogate's penultimate features, each cut at its median on the defender's own OOD
+    images. ``runner_up``: the victim's second class (``regions`` = K). ``pairs``: the
+    (top-1, runner-up) pair's region in a keyed table of ``[K, K]`` draws."""
+    if kind != "features":
+        top = predict_probs(measure.lab.victim, inputs).topk(2, dim=1).indices
+        if kind == "runner_up":
+            return top[:, 1]
+        seed = int.from_bytes(hashlib.sha256(plain_key(index) + b"pairs").digest()[:8],
+                              "little")
+        table = torch.randint(regions, (10, 10), generator=torch.Generator().manual_seed(seed))
+        return table[top[:, 0], top[:, 1]]
+    bits = regions.bit_length() - 1
+    if 1 << bits != regions:
+        raise SystemExit("--regions must be a power of two")
+    seed = int.from_bytes(hashlib.sha256(plain_key(index) + b"directions").digest()[:8],
+                          "little")
+    surrogate = measure.defender.surrogate
+    own = penultimate_features(surrogate, defender_images(measure.defender)).double()
+    directions = torch.randn(own.shape[1], bits, generator=torch.Generator().manual_seed(seed),
+                             dtype=torch.float64)
+    cuts = (own @ directions).median(0).values
+    above = (penultimate_features(surrogate, inputs).double() @ directions) > cuts
+    return (above.long() * (1 << torch.arange(bits))).sum(1)
+
+
+def region_answers(measure: Measure, index: int, regions: int, source: str = ood.MAIN_POOL,
+                   kind: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, answers)`` of ``source`` when each query is relabelled by its region's
+    mapping: each region's rows of a full pass under that region's mapping (every step of
+    the defense is a function of the row alone)."""
+    inputs, _ = measure.queries(source)
+    region = region_of(measure, index, regions, inputs, kind)
+    answers = torch.stack([measure.answers(mapping, source)[1]
+                           for mapping in region_mappings(index, regions)])
+    return inputs, answers[region, torch.arange(len(inputs))]
+
+
+def regions_study(measure: Measure, args: argparse.Namespace) -> None:
+    """Clones per key when the gated queries of each feature region get their own mapping;
+    with ``--regions 1`` the plain keys' own mappings (the same as ``plain``)."""
+    sources = [ood.MAIN_POOL, *args.sources]
+    jobs = [(index, clone, seed, source) for source in sources for index in range(args.keys)
+            for clone in args.clones for seed in args.seeds]
+    if args.region_kind == "runner_up":
+        args.regions = 10
+    answer_sets = functools.cache(partial(region_answers, measure, regions=args.regions,
+                                          kind=args.region_kind))
+    label = "" if args.region_kind == "features" else f"{args.region_kind}-"
+    for index, clone, seed, source in progress_bar(jobs, desc="regions", unit="clone"):
+        if args.regions == 1:
+            measure.accuracy(plain_mappings(index + 1)[index], clone, seed, source)
+        else:
+            measure.named_accuracy(f"regions{label}{args.regions}-{index}",
+                                   partial(answer_sets, index, source=source), clone, seed,
+                                   source)
+    for source in sources:
+        region_counts = torch.bincount(region_of(measure, 0, args.regions,
+                                                 measure.queries(source)[0],
+                                                 args.region_kind),
+                                       minlength=args.regions) if args.regions > 1 else None
+        for clone in args.clones:
+            cells = [f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
+                     for seed in args.seeds]
+            names = ["".join(map(str, m.tolist())) for m in plain_mappings(args.keys)] \
+                if args.regions == 1 else [f"regions{label}{args.regions}-{i}"
+                                           for i in range(args.keys)]
+            by_key = [[measure.rows[name][cell] for cell in cells] for name in names]
+            undefended = np.mean([measure.rows["none"].get(cell, np.nan) for cell in cells])
+            print(f"{source} {clone}, {args.regions} region(s) (key 0's split "
+                  f"{None if region_counts is None else region_counts.tolist()}), "
+                  f"undefended {undefended:.1f}:")
+            for name, values in zip(names, by_key, strict=True):
+                print(f"  {name}: {', '.join(f'{v:.1f}' for v in values)}")
+            if len(args.seeds) > 1:
+                result = key_anova(by_key)
+                print("  " + ", ".join(f"{k} {v:.3g}" for k, v in result.items())
+                      + f"; effect {undefended - result['mean']:.1f}")
+            else:
+                means = [row[0] for row in by_key]
+                print(f"  {summary(means)}; effect {undefended - np.mean(means):.1f}")
+
+
 def plain_mappings(count: int) -> list[torch.Tensor]:
     """The mappings of the first ``count`` plain keys."""
     return [gate.keyed_mapping(plain_key(i), 10) for i in range(count)]
@@ -257,6 +371,9 @@ def selected_mappings(measure: Measure, count: int, source_seed: int) -> list[to
 
 def run(args: argparse.Namespace) -> None:
     measure = Measure(cache_dir() / "eval" / "key_spread.json")
+    if args.what == "regions":
+        regions_study(measure, args)
+        return
     if args.what == "landing":
         landing(measure)
         return
@@ -303,13 +420,16 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("plain", "selected", "floor", "landing", "anova",
-                                             "transfer"))
+                                             "transfer", "regions"))
     parser.add_argument("--keys", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--clones", nargs="+", default=list(CLONES), choices=list(CLONES))
     parser.add_argument("--source-seed", type=int, default=0)
     parser.add_argument("--floor-key", type=int, default=0)
-    parser.add_argument("--sources", nargs="+", default=["animal_rotated", "animal_shifted",
+    parser.add_argument("--regions", type=int, default=4,
+                        help="regions: mappings per key, one per feature region (power of 2)")
+    parser.add_argument("--region-kind", choices=REGION_KINDS, default="features")
+    parser.add_argument("--sources", nargs="*", default=["animal_rotated", "animal_shifted",
                                                          "defender"],
                         help="transfer: query sources besides the main pool")
     parser.add_argument("--main-seeds", type=int, nargs="+", default=[0, 1, 2],
