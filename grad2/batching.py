@@ -157,51 +157,90 @@ def memory_layout(tensor: Tensor) -> torch.memory_format:
 
 def probe_sizes(fn: RowFunction, inputs: Sequence[Tensor], max_batch: int) -> tuple[int, ...]:
     """The batch sizes in ``2..max_batch`` at which every row of ``fn`` equals its
-    reference (the row as a pair with itself), up to the size that costs least per row.
+    reference (the row as a pair with itself) in all :data:`PROBE_WINDOWS` windows of
+    ``inputs``, up to the size that costs least per row.
 
     Larger batches are not always cheaper per row (a small CNN's working set can outgrow
     the CPU's cache: docs/performance.md, "Batch plans"), so sizes beyond the fastest
-    agreeing one are left out (:func:`time_agreeing_sizes`).
+    agreeing one are left out. Every size is tried and timed on its first window
+    (:func:`time_agreeing_sizes` with ``windows=1``); only the sizes up to the fastest
+    are checked on the other windows, which keeps the probe's cost near one window's
+    for networks that agree at every size.
     """
-    seconds_per_row = time_agreeing_sizes(fn, inputs, max_batch)
-    if not seconds_per_row:
+    reference = pair_reference(fn, inputs, max_batch)
+    first = time_agreeing_sizes(fn, inputs, max_batch, windows=1, reference=reference)
+    if not first:
         return ()
-    fastest = min(seconds_per_row, key=seconds_per_row.__getitem__)
-    return tuple(size for size in seconds_per_row if size <= fastest)
+    fastest = min(first, key=first.__getitem__)
+    kept = [size for size in first if size <= fastest
+            and all(_seconds_if_agreeing(fn, inputs, reference, _window(size, window, inputs))
+                    is not None for window in range(1, PROBE_WINDOWS))]
+    if not kept:
+        return ()
+    fastest = min(kept, key=first.__getitem__)
+    return tuple(size for size in kept if size <= fastest)
+
+
+def pair_reference(fn: RowFunction, inputs: Sequence[Tensor], max_batch: int) -> Tensor:
+    """``fn``'s reference result of every row of ``inputs`` (``[N, ...]``, ``N >=
+    max_batch``): the row evaluated as a pair with itself."""
+    rows = len(inputs[0])
+    if rows < max_batch:
+        raise ValueError(f"probing up to batch {max_batch} needs as many rows, got {rows}")
+    return torch.cat([_as_pair(fn, [tensor[i : i + 1] for tensor in inputs])
+                      for i in range(rows)])
+
+
+def _window(size: int, window: int, inputs: Sequence[Tensor]) -> Tensor:
+    """Row indices of a probe window: ``size`` rows from ``5 size`` plus ``window``
+    quarters of the rows on (wrapping), so each size and window tries other rows."""
+    rows = len(inputs[0])
+    return (torch.arange(size) + 5 * size + window * rows // PROBE_WINDOWS) % rows
+
+
+def _seconds_if_agreeing(fn: RowFunction, inputs: Sequence[Tensor], reference: Tensor,
+                         index: Tensor) -> float | None:
+    """Seconds of ``fn`` on the rows ``index``, or ``None`` when a row differs from its
+    reference."""
+    chunk = [tensor[index] for tensor in inputs]
+    started = time.perf_counter()
+    result = fn(*chunk)
+    seconds = time.perf_counter() - started
+    return seconds if torch.equal(result, reference[index]) else None
 
 
 def time_agreeing_sizes(
-    fn: RowFunction, inputs: Sequence[Tensor], max_batch: int
+    fn: RowFunction, inputs: Sequence[Tensor], max_batch: int,
+    windows: int = PROBE_WINDOWS, reference: Tensor | None = None,
 ) -> dict[int, float]:
-    """Seconds per row (one warm call) of every batch size in ``2..max_batch`` at which
-    every row of ``fn`` equals its reference (the row as a pair with itself) in each of
-    :data:`PROBE_WINDOWS` windows of the example rows.
+    """Seconds per row of every batch size in ``2..max_batch`` at which every row of
+    ``fn`` equals its reference (the row as a pair with itself) in each of the first
+    ``windows`` windows of the example rows; timed warm (the fastest call after the
+    first, or one more call when ``windows`` is 1).
 
     Args:
         fn: the row function to check.
         inputs: example rows, ``[N, ...]`` each with ``N >= max_batch``; each size is
             tried on windows of rows that start a quarter of ``N`` apart (wrapping).
         max_batch: the largest batch the function will see.
+        windows: how many windows, ``1..PROBE_WINDOWS``.
+        reference: :func:`pair_reference` of ``fn`` on ``inputs``, when already computed.
     """
-    rows = len(inputs[0])
-    if rows < max_batch:
-        raise ValueError(f"probing up to batch {max_batch} needs as many rows, got {rows}")
-    reference = torch.cat([
-        _as_pair(fn, [tensor[i : i + 1] for tensor in inputs]) for i in range(rows)
-    ])
-
-    def agrees(index: Tensor) -> bool:
-        return torch.equal(fn(*[tensor[index] for tensor in inputs]), reference[index])
-
+    if reference is None:
+        reference = pair_reference(fn, inputs, max_batch)
     seconds_per_row: dict[int, float] = {}
     for size in range(2, max_batch + 1):
-        windows = [(torch.arange(size) + 5 * size + window * rows // PROBE_WINDOWS) % rows
-                   for window in range(PROBE_WINDOWS)]
-        if all(agrees(index) for index in windows):
-            chunk = [tensor[windows[0]] for tensor in inputs]
-            started = time.perf_counter()
-            fn(*chunk)
-            seconds_per_row[size] = (time.perf_counter() - started) / size
+        timings = []
+        for window in range(windows):
+            seconds = _seconds_if_agreeing(fn, inputs, reference, _window(size, window, inputs))
+            if seconds is None:
+                break
+            timings.append(seconds)
+        else:
+            if len(timings) == 1:
+                timings.append(_seconds_if_agreeing(fn, inputs, reference,
+                                                    _window(size, 0, inputs)) or timings[0])
+            seconds_per_row[size] = min(timings[1:]) / size
     return seconds_per_row
 
 
