@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -89,6 +90,22 @@ def test_a_size_that_matches_by_chance_in_one_window_is_refused() -> None:
     assert torch.equal(fn(x[index], y[index]), torch.cat(
         [fn(torch.cat([x[i:i + 1]] * 2), torch.cat([y[i:i + 1]] * 2))[:1] for i in index]))
     assert sorted(time_agreeing_sizes(fn, (x, y), 8)) == [2, 3, 4, 6, 7, 8]
+    assert 5 in time_agreeing_sizes(fn, (x, y), 8, windows=1)  # the one-window probe
+    slowest_but_5 = FastestAt(bad={5}, fastest=5)
+    planned = probe_sizes(slowest_but_5, (x, y), 8)  # 5 is the fastest, then refused
+    assert planned and set(planned) <= {2, 3, 4}, planned
+
+
+class FastestAt(ContentDependent):
+    """:class:`ContentDependent` that costs least per row at ``fastest`` rows."""
+
+    def __init__(self, bad: set[int], fastest: int) -> None:
+        super().__init__(bad)
+        self.fastest = fastest
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.002 * len(x) * (1 + abs(len(x) - self.fastest)))
+        return super().__call__(x, y)
 
 
 def test_probe_needs_enough_example_rows() -> None:
