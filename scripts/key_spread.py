@@ -144,7 +144,7 @@ class Measure:
         """:meth:`accuracy` for the answer set ``answers()`` (``(inputs, answers)``) cached
         under ``name``."""
         row = self.rows.setdefault(name, {})
-        cell = f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
+        cell = cell_name(clone, seed, source)
         if cell not in row:
             inputs, answers = answers()
             arch, hard_labels = CLONES[clone]
@@ -153,6 +153,12 @@ class Measure:
             row[cell] = round(100 * ood.clone_accuracy(model, self.lab)[0], 2)
             self.save(name, cell, row[cell])
         return row[cell]
+
+
+def cell_name(clone: str, seed: int, source: str = ood.MAIN_POOL) -> str:
+    """The cache cell of one clone: kind and seed, and the query source when not the main
+    pool."""
+    return f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
 
 
 def mapping_of(name: str) -> torch.Tensor:
@@ -217,7 +223,7 @@ def anova(measure: Measure, groups: dict[str, list[torch.Tensor]], clones: list[
           "seed sd | spread from seeds alone | ANOVA F, p | key sd |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clone in clones:
-        cells = [f"{clone}-{seed}" for seed in seeds]
+        cells = [cell_name(clone, seed) for seed in seeds]
         undefended = np.mean([measure.rows["none"][cell] for cell in cells])
         groups_all = {**groups, "all": [m for ms in groups.values() for m in ms]}
         for group, mappings in groups_all.items():
@@ -250,7 +256,7 @@ def transfer(measure: Measure, mappings: list[torch.Tensor], clone: str, sources
           f"rank correlation with {ood.MAIN_POOL} (seeds {main_seeds}) |")
     print("| --- | --- | --- | --- | --- |")
     for source in sources:
-        cell = f"{clone}@{source}-{seed}"
+        cell = cell_name(clone, seed, source)
         values = [measure.rows[name][cell] for name in names]
         undefended = measure.rows["none"][cell]
         print(f"| {source} | {undefended:.1f} | {np.mean(values):.1f} "
@@ -312,18 +318,22 @@ def region_answers(measure: Measure, index: int, regions: int, source: str = ood
 
 
 def regions_study(measure: Measure, args: argparse.Namespace) -> None:
-    """Clones per key when the gated queries of each feature region get their own mapping;
-    with ``--regions 1`` the plain keys' own mappings (the same as ``plain``)."""
+    """Clones per key when the gated queries of each region (``--region-kind``) get their
+    own mapping, and the undefended clones; with ``--regions 1`` the plain keys' own
+    mappings (the same as ``plain``)."""
     sources = [ood.MAIN_POOL, *args.sources]
-    jobs = [(index, clone, seed, source) for source in sources for index in range(args.keys)
-            for clone in args.clones for seed in args.seeds]
+    jobs = [(index, clone, seed, source) for source in sources
+            for index in [None, *range(args.keys)] for clone in args.clones
+            for seed in args.seeds]
     if args.region_kind == "runner_up":
         args.regions = 10
     answer_sets = functools.cache(partial(region_answers, measure, regions=args.regions,
                                           kind=args.region_kind))
     label = "" if args.region_kind == "features" else f"{args.region_kind}-"
     for index, clone, seed, source in progress_bar(jobs, desc="regions", unit="clone"):
-        if args.regions == 1:
+        if index is None:
+            measure.accuracy(None, clone, seed, source)
+        elif args.regions == 1:
             measure.accuracy(plain_mappings(index + 1)[index], clone, seed, source)
         else:
             measure.named_accuracy(f"regions{label}{args.regions}-{index}",
@@ -335,13 +345,12 @@ def regions_study(measure: Measure, args: argparse.Namespace) -> None:
                                                  args.region_kind),
                                        minlength=args.regions) if args.regions > 1 else None
         for clone in args.clones:
-            cells = [f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
-                     for seed in args.seeds]
+            cells = [cell_name(clone, seed, source) for seed in args.seeds]
             names = ["".join(map(str, m.tolist())) for m in plain_mappings(args.keys)] \
                 if args.regions == 1 else [f"regions{label}{args.regions}-{i}"
                                            for i in range(args.keys)]
             by_key = [[measure.rows[name][cell] for cell in cells] for name in names]
-            undefended = np.mean([measure.rows["none"].get(cell, np.nan) for cell in cells])
+            undefended = np.mean([measure.rows["none"][cell] for cell in cells])
             print(f"{source} {clone}, {args.regions} region(s) (key 0's split "
                   f"{None if region_counts is None else region_counts.tolist()}), "
                   f"undefended {undefended:.1f}:")
