@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ TORCHSERVE_INT_KEYS: dict[str, int] = {
     "startupTimeout": 1,
 }
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Seconds TorchServe 0.12 gives a worker to start when ``startupTimeout`` is not set.
+DEFAULT_STARTUP_TIMEOUT = 120
 
 
 def check_model_config(raw: Mapping[str, Any]) -> tuple[DefenseConfig, InputConfig]:
@@ -151,9 +155,24 @@ def _option(key: str) -> str:
     return FILE_OPTIONS.get(key, f"--file {key}=PATH")
 
 
+def startup_warning(seconds: float, raw_config: Mapping[str, Any]) -> str | None:
+    """What to tell the user when a worker's start (load and batch plan) took ``seconds``
+    here, over half of the ``startupTimeout`` TorchServe allows it (a slower or busier
+    machine may not start the model); ``None`` when well within it."""
+    limit = raw_config.get("startupTimeout", DEFAULT_STARTUP_TIMEOUT)
+    if seconds <= limit / 2:
+        return None
+    return (f"startupTimeout: loading this model and planning its batches took {seconds:.0f} s "
+            f"here, over half of the {limit} s TorchServe gives a worker to start (the plan "
+            f"probes every batch size up to batchSize = {raw_config.get('batchSize', 1)}); "
+            f"raise startupTimeout in model-config.yaml or lower batchSize")
+
+
 def smoke_test(model_dir: Path, raw_config: Mapping[str, Any], batch_size: int = 2) -> None:
     """Load ``model_dir`` as a worker would (batch plan included) and defend one batch of
-    blank images; raises :class:`ConfigError` if the defense cannot answer."""
+    blank images; raises :class:`ConfigError` if the defense cannot answer, and warns
+    (:func:`startup_warning`) when the start took over half of ``startupTimeout``."""
+    started = time.perf_counter()
     served = load_served_model(model_dir, raw_config)
     spec = served.input_config
     pixels = torch.full((batch_size, spec.channels, spec.height, spec.width), 0.5)
@@ -165,6 +184,9 @@ def smoke_test(model_dir: Path, raw_config: Mapping[str, Any], batch_size: int =
     max_batch = raw_config.get("batchSize", 1)
     try:
         served.plan_batches(max_batch if isinstance(max_batch, int) else 1)
+        message = startup_warning(time.perf_counter() - started, raw_config)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
         with torch.enable_grad():
             defended = served.defense(x, probs)
         check_defended(defended, probs, served.defense.sum_tolerance(probs.shape[1]))
