@@ -173,8 +173,7 @@ def probe_sizes(fn: RowFunction, inputs: Sequence[Tensor], max_batch: int) -> tu
         return ()
     fastest = min(first, key=first.__getitem__)
     kept = [size for size in first if size <= fastest
-            and all(_seconds_if_agreeing(fn, inputs, reference, _window(size, window, inputs))
-                    is not None for window in range(1, PROBE_WINDOWS))]
+            and _agrees(fn, inputs, reference, size, range(1, PROBE_WINDOWS))]
     if not kept:
         return ()
     fastest = min(kept, key=first.__getitem__)
@@ -198,25 +197,21 @@ def _window(size: int, window: int, inputs: Sequence[Tensor]) -> Tensor:
     return (torch.arange(size) + 5 * size + window * rows // PROBE_WINDOWS) % rows
 
 
-def _seconds_if_agreeing(fn: RowFunction, inputs: Sequence[Tensor], reference: Tensor,
-                         index: Tensor) -> float | None:
-    """Seconds of ``fn`` on the rows ``index``, or ``None`` when a row differs from its
-    reference."""
-    chunk = [tensor[index] for tensor in inputs]
-    started = time.perf_counter()
-    result = fn(*chunk)
-    seconds = time.perf_counter() - started
-    return seconds if torch.equal(result, reference[index]) else None
+def _agrees(fn: RowFunction, inputs: Sequence[Tensor], reference: Tensor, size: int,
+            windows: range) -> bool:
+    """Does ``fn`` on each of these ``windows`` of ``size`` rows give every row its
+    reference?"""
+    return all(torch.equal(fn(*[tensor[index] for tensor in inputs]), reference[index])
+               for index in (_window(size, window, inputs) for window in windows))
 
 
 def time_agreeing_sizes(
     fn: RowFunction, inputs: Sequence[Tensor], max_batch: int,
     windows: int = PROBE_WINDOWS, reference: Tensor | None = None,
 ) -> dict[int, float]:
-    """Seconds per row of every batch size in ``2..max_batch`` at which every row of
-    ``fn`` equals its reference (the row as a pair with itself) in each of the first
-    ``windows`` windows of the example rows; timed warm (the fastest call after the
-    first, or one more call when ``windows`` is 1).
+    """Seconds per row (one warm call) of every batch size in ``2..max_batch`` at which
+    every row of ``fn`` equals its reference (the row as a pair with itself) in each of the
+    first ``windows`` windows of the example rows.
 
     Args:
         fn: the row function to check.
@@ -230,17 +225,11 @@ def time_agreeing_sizes(
         reference = pair_reference(fn, inputs, max_batch)
     seconds_per_row: dict[int, float] = {}
     for size in range(2, max_batch + 1):
-        timings = []
-        for window in range(windows):
-            seconds = _seconds_if_agreeing(fn, inputs, reference, _window(size, window, inputs))
-            if seconds is None:
-                break
-            timings.append(seconds)
-        else:
-            if len(timings) == 1:
-                timings.append(_seconds_if_agreeing(fn, inputs, reference,
-                                                    _window(size, 0, inputs)) or timings[0])
-            seconds_per_row[size] = min(timings[1:]) / size
+        if _agrees(fn, inputs, reference, size, range(windows)):
+            chunk = [tensor[_window(size, 0, inputs)] for tensor in inputs]
+            started = time.perf_counter()
+            fn(*chunk)
+            seconds_per_row[size] = (time.perf_counter() - started) / size
     return seconds_per_row
 
 
