@@ -30,11 +30,10 @@ missing.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +134,8 @@ class Measure:
                  source: str = ood.MAIN_POOL) -> float:
         """``clone``'s Fashion-MNIST test accuracy (%) against ``mapping`` (None:
         undefended) when it queries ``source``, cached."""
-        name = "none" if mapping is None else "".join(map(str, mapping.tolist()))
-        return self.named_accuracy(name, lambda: self.answers(mapping, source), clone, seed,
-                                   source)
+        return self.named_accuracy(mapping_name(mapping), lambda: self.answers(mapping, source),
+                                   clone, seed, source)
 
     def named_accuracy(self, name: str, answers, clone: str, seed: int,
                        source: str = ood.MAIN_POOL) -> float:
@@ -159,6 +157,11 @@ def cell_name(clone: str, seed: int, source: str = ood.MAIN_POOL) -> str:
     """The cache cell of one clone: kind and seed, and the query source when not the main
     pool."""
     return f"{clone}-{seed}" if source == ood.MAIN_POOL else f"{clone}@{source}-{seed}"
+
+
+def mapping_name(mapping: torch.Tensor | None) -> str:
+    """The cache row of ``mapping``: its digits (K <= 10), or ``none`` for undefended."""
+    return "none" if mapping is None else "".join(map(str, mapping.tolist()))
 
 
 def mapping_of(name: str) -> torch.Tensor:
@@ -216,29 +219,36 @@ def key_anova(by_key: list[list[float]]) -> dict[str, float]:
             "noise_spread": expected_range * (within / seeds_n) ** 0.5}
 
 
+#: The header of :func:`anova_line`'s table.
+ANOVA_HEADER = ("| clone | keys | undefended | mean of key means (effect) | spread of key means "
+                "| seed sd | spread from seeds alone | ANOVA F, p | key sd |\n"
+                + "| --- " * 9 + "|")
+
+
+def anova_line(clone: str, group: str, undefended: float, by_key: list[list[float]]) -> str:
+    """One row of :data:`ANOVA_HEADER`: :func:`key_anova` of a key group's clones."""
+    result = key_anova(by_key)
+    return (f"| {clone} | {group} ({result['keys']}) | {undefended:.1f} | "
+            f"{result['mean']:.1f} ({undefended - result['mean']:.1f}) | "
+            f"{result['spread']:.1f} | {result['seed_sd']:.1f} | "
+            f"{result['noise_spread']:.1f} | {result['F']:.2f}, {result['p']:.2g} | "
+            f"{result['key_sd']:.1f} |")
+
+
 def anova(measure: Measure, groups: dict[str, list[torch.Tensor]], clones: list[str],
           seeds: list[int]) -> None:
     """Print, per clone kind and key group, :func:`key_anova` over the cached clones."""
-    print("| clone | keys | undefended | mean of key means (effect) | spread of key means | "
-          "seed sd | spread from seeds alone | ANOVA F, p | key sd |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(ANOVA_HEADER)
     for clone in clones:
         cells = [cell_name(clone, seed) for seed in seeds]
         undefended = np.mean([measure.rows["none"][cell] for cell in cells])
         groups_all = {**groups, "all": [m for ms in groups.values() for m in ms]}
         for group, mappings in groups_all.items():
-            names = ["".join(map(str, m.tolist())) for m in mappings]
-            by_key = [[measure.rows.get(name, {}).get(cell) for cell in cells]
-                      for name in names]
+            by_key = [[measure.rows.get(mapping_name(m), {}).get(cell) for cell in cells]
+                      for m in mappings]
             by_key = [row for row in by_key if None not in row]
-            if len(by_key) < 2:
-                continue
-            result = key_anova(by_key)
-            print(f"| {clone} | {group} ({result['keys']}) | {undefended:.1f} | "
-                  f"{result['mean']:.1f} ({undefended - result['mean']:.1f}) | "
-                  f"{result['spread']:.1f} | {result['seed_sd']:.1f} | "
-                  f"{result['noise_spread']:.1f} | {result['F']:.2f}, {result['p']:.2g} | "
-                  f"{result['key_sd']:.1f} |")
+            if len(by_key) >= 2:
+                print(anova_line(clone, group, undefended, by_key))
 
 
 def transfer(measure: Measure, mappings: list[torch.Tensor], clone: str, sources: list[str],
@@ -249,8 +259,8 @@ def transfer(measure: Measure, mappings: list[torch.Tensor], clone: str, sources
     jobs = [(mapping, source) for source in sources for mapping in [None, *mappings]]
     for mapping, source in progress_bar(jobs, desc="transfer", unit="clone"):
         measure.accuracy(mapping, clone, seed, source)
-    names = ["".join(map(str, m.tolist())) for m in mappings]
-    main = [float(np.mean([measure.rows[name][f"{clone}-{s}"] for s in main_seeds]))
+    names = [mapping_name(m) for m in mappings]
+    main = [float(np.mean([measure.rows[name][cell_name(clone, s)] for s in main_seeds]))
             for name in names]
     print(f"| {clone} clones, seed {seed} | undefended | mean of keys (effect) | spread | "
           f"rank correlation with {ood.MAIN_POOL} (seeds {main_seeds}) |")
@@ -319,50 +329,40 @@ def region_answers(measure: Measure, index: int, regions: int, source: str = ood
 
 def regions_study(measure: Measure, args: argparse.Namespace) -> None:
     """Clones per key when the gated queries of each region (``--region-kind``) get their
-    own mapping, and the undefended clones; with ``--regions 1`` the plain keys' own
-    mappings (the same as ``plain``)."""
-    sources = [ood.MAIN_POOL, *args.sources]
-    jobs = [(index, clone, seed, source) for source in sources
-            for index in [None, *range(args.keys)] for clone in args.clones
-            for seed in args.seeds]
+    own mapping, and the undefended clones; then, per query source, how key 0's regions
+    split the gated queries and the key ANOVA (``--keys 0``: the split only)."""
     if args.region_kind == "runner_up":
         args.regions = 10
-    answer_sets = functools.cache(partial(region_answers, measure, regions=args.regions,
-                                          kind=args.region_kind))
+    sources = [ood.MAIN_POOL, *args.sources]
     label = "" if args.region_kind == "features" else f"{args.region_kind}-"
+    names = [f"regions{label}{args.regions}-{index}" for index in range(args.keys)]
+    answer_sets = cache(partial(region_answers, measure, regions=args.regions,
+                                kind=args.region_kind))
+    jobs = [(index, clone, seed, source) for source in sources if args.keys
+            for index in [None, *range(args.keys)] for clone in args.clones
+            for seed in args.seeds]
     for index, clone, seed, source in progress_bar(jobs, desc="regions", unit="clone"):
         if index is None:
             measure.accuracy(None, clone, seed, source)
-        elif args.regions == 1:
-            measure.accuracy(plain_mappings(index + 1)[index], clone, seed, source)
         else:
-            measure.named_accuracy(f"regions{label}{args.regions}-{index}",
-                                   partial(answer_sets, index, source=source), clone, seed,
-                                   source)
+            measure.named_accuracy(names[index], partial(answer_sets, index, source=source),
+                                   clone, seed, source)
     for source in sources:
-        region_counts = torch.bincount(region_of(measure, 0, args.regions,
-                                                 measure.queries(source)[0],
-                                                 args.region_kind),
-                                       minlength=args.regions) if args.regions > 1 else None
+        inputs, clean = measure.queries(source)
+        region = region_of(measure, 0, args.regions, inputs, args.region_kind)
+        gated = torch.zeros(args.regions, dtype=torch.float64).index_add_(
+            0, region, measure.gate_weights(inputs, clean).double())
+        print(f"{source}: gated mass per region of key 0 "
+              f"{[round(mass) for mass in gated.tolist()]} (of {gated.sum():.0f})")
+        if not args.keys:
+            continue
+        print(ANOVA_HEADER)
         for clone in args.clones:
             cells = [cell_name(clone, seed, source) for seed in args.seeds]
-            names = ["".join(map(str, m.tolist())) for m in plain_mappings(args.keys)] \
-                if args.regions == 1 else [f"regions{label}{args.regions}-{i}"
-                                           for i in range(args.keys)]
+            undefended = float(np.mean([measure.rows["none"][cell] for cell in cells]))
             by_key = [[measure.rows[name][cell] for cell in cells] for name in names]
-            undefended = np.mean([measure.rows["none"][cell] for cell in cells])
-            print(f"{source} {clone}, {args.regions} region(s) (key 0's split "
-                  f"{None if region_counts is None else region_counts.tolist()}), "
-                  f"undefended {undefended:.1f}:")
-            for name, values in zip(names, by_key, strict=True):
-                print(f"  {name}: {', '.join(f'{v:.1f}' for v in values)}")
-            if len(args.seeds) > 1:
-                result = key_anova(by_key)
-                print("  " + ", ".join(f"{k} {v:.3g}" for k, v in result.items())
-                      + f"; effect {undefended - result['mean']:.1f}")
-            else:
-                means = [row[0] for row in by_key]
-                print(f"  {summary(means)}; effect {undefended - np.mean(means):.1f}")
+            print(anova_line(clone, f"{args.regions} {args.region_kind} mappings", undefended,
+                             by_key))
 
 
 def plain_mappings(count: int) -> list[torch.Tensor]:
@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> None:
             for clone in args.clones for seed in args.seeds]
     results = {}
     for mapping, clone, seed in progress_bar(jobs, desc=args.what, unit="clone"):
-        name = "none" if mapping is None else "".join(map(str, mapping.tolist()))
+        name = mapping_name(mapping)
         results.setdefault(clone, {}).setdefault(name, []).append(
             measure.accuracy(mapping, clone, seed))
     for clone, by_mapping in results.items():
@@ -436,7 +436,7 @@ def main() -> None:
     parser.add_argument("--source-seed", type=int, default=0)
     parser.add_argument("--floor-key", type=int, default=0)
     parser.add_argument("--regions", type=int, default=4,
-                        help="regions: mappings per key, one per feature region (power of 2)")
+                        help="regions: mappings per key (a power of 2 for features; runner_up: K)")
     parser.add_argument("--region-kind", choices=REGION_KINDS, default="features")
     parser.add_argument("--sources", nargs="*", default=["animal_rotated", "animal_shifted",
                                                          "defender"],

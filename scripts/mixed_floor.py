@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -46,18 +45,13 @@ def main() -> None:
         inputs, _, answers = defender.answers(name, PART)
         epochs = step_matched_epochs(ood.CLONE_EPOCHS, ood.QUERIES, len(inputs))
         accuracies = ood.seed_accuracies(lab, inputs, answers, args.seeds, arch, labels, epochs)
-        row = {"defense": name, "arch": arch, "thief": "labels" if labels else "soft",
-               "queries": len(inputs), "mean": round(statistics.mean(accuracies), 2),
-               "values": [round(a, 2) for a in accuracies]}
+        row = ood.seed_row(accuracies, defense=name, arch=arch,
+                           thief="labels" if labels else "soft", queries=len(inputs))
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{PART}: the mixed pool's {rows[0]['queries']} in-distribution queries alone, "
           f"seeds {args.seeds}")
-    print("| defense | clone | thief | clone accuracy % (mean; per seed) |")
-    print("| --- | --- | --- | --- |")
-    for row in rows:
-        print(f"| {row['defense']} | {row['arch']} | {row['thief']} | {row['mean']:.1f}; "
-              f"{', '.join(f'{a:.1f}' for a in row['values'])} |")
+    print(ood.seed_table(rows, {"defense": "defense", "clone": "arch", "thief": "thief"}))
 
 
 if __name__ == "__main__":

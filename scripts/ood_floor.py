@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -53,18 +52,13 @@ def main() -> None:
         _, _, answers = defender.answers(name, args.pool)
         accuracies = ood.seed_accuracies(lab, inputs[kept], answers[kept], args.seeds, arch,
                                          epochs=epochs)
-        row = {"answers": name, "arch": arch, "queries": int(kept.sum()),
-               "mean": round(statistics.mean(accuracies), 2),
-               "values": [round(a, 2) for a in accuracies]}
+        row = ood.seed_row(accuracies, answers=name, arch=arch, queries=int(kept.sum()))
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{args.pool}: the {rows[0]['queries']} of {len(inputs)} queries the gate does not "
           f"flag, {epochs} epochs, seeds {args.seeds}")
-    print("| answers to the unflagged queries | clone | clone accuracy % (mean; per seed) |")
-    print("| --- | --- | --- |")
-    for row in rows:
-        print(f"| {row['answers']} | {row['arch']} | {row['mean']:.1f}; "
-              f"{', '.join(f'{a:.1f}' for a in row['values'])} |")
+    print(ood.seed_table(rows, {"answers to the unflagged queries": "answers",
+                                "clone": "arch"}))
 
 
 if __name__ == "__main__":

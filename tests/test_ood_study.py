@@ -110,3 +110,16 @@ def test_best_thief_per_pool_is_the_maximum_over_thieves():
     report = {"clones": clones, "best": best}
     table = ood.best_thief_markdown(report)
     assert "| animal | 58.0 | fixer 60.0 | fixer 55.0 | +3.0 | −15 | no | +5.0 |" in table
+
+
+def test_seed_rows_make_one_table() -> None:
+    rows = [ood.seed_row([49.314, 47.255, 51.0], answers="none", arch="small_cnn"),
+            ood.seed_row([63.4], answers="grad2_gated_permute", arch="wide_cnn")]
+    assert rows[0] == {"answers": "none", "arch": "small_cnn", "mean": 49.19,
+                       "values": [49.31, 47.26, 51.0]}
+    assert ood.seed_table(rows, {"answers": "answers", "clone": "arch"}).splitlines() == [
+        "| answers | clone | clone accuracy % (mean; per seed) |",
+        "| --- | --- | --- |",
+        "| none | small_cnn | 49.2; 49.3, 47.3, 51.0 |",
+        "| grad2_gated_permute | wide_cnn | 63.4; 63.4 |",
+    ]

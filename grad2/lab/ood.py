@@ -27,10 +27,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -380,6 +382,24 @@ def seed_accuracies(lab: Lab, inputs: Tensor, answers: Tensor, seeds: Sequence[i
     """Fashion-MNIST test accuracy (%) of a :func:`fit_clone` clone per seed."""
     return [100 * clone_accuracy(fit_clone(inputs, answers, seed, arch, hard_labels,
                                            epochs)[0], lab)[0] for seed in seeds]
+
+
+def seed_row(accuracies: Sequence[float], **labels: Any) -> dict[str, Any]:
+    """A table row of :func:`seed_accuracies`: ``labels``, then the mean and each value
+    (2 decimals)."""
+    return {**labels, "mean": round(statistics.mean(accuracies), 2),
+            "values": [round(value, 2) for value in accuracies]}
+
+
+def seed_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> str:
+    """Markdown of :func:`seed_row` rows: a column per ``header -> label key`` of
+    ``columns``, then the clone accuracy (mean; per seed)."""
+    lines = [f"| {' | '.join(columns)} | clone accuracy % (mean; per seed) |",
+             "| --- " * (len(columns) + 1) + "|"]
+    lines += [f"| {' | '.join(str(row[key]) for key in columns.values())} | "
+              f"{row['mean']:.1f}; {', '.join(f'{value:.1f}' for value in row['values'])} |"
+              for row in rows]
+    return "\n".join(lines)
 
 
 def confident_rows(answers: Tensor, drop_share: float = 0.25) -> Tensor:
